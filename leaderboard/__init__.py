@@ -1,0 +1,1 @@
+"""Leaderboard: submission schema, validation, re-scoring and the results page."""

