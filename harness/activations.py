@@ -42,7 +42,8 @@ def load_collection(folder: Path, device: torch.device | str = "cpu") -> Collect
     """Read back what `save_collection` wrote (dense matrices memory-mapped, read-only)."""
     folder = Path(folder)
     meta = json.loads((folder / "meta.json").read_text())
-    flat = load_file(str(folder / TENSORS))
+    # Cloned: safetensors maps the file, and a loaded collection must not change with it.
+    flat = {k: v.clone() for k, v in load_file(str(folder / TENSORS)).items()}
     index = NeuronIndex(tuple(Site.parse(s) for s in meta["sites"]), tuple(meta["widths"]))
     device = torch.device(device)
     sites: dict[Site, SiteStats] = {}
@@ -63,12 +64,14 @@ def load_collection(folder: Path, device: torch.device | str = "cpu") -> Collect
                       meta=meta.get("collect_meta", {}))
 
 
-def cache_parts(model: LoadedModel, dataset, cfg: CollectConfig, data_id: str | None = None) -> dict:
+def cache_parts(model: LoadedModel, dataset, cfg: CollectConfig, data_id: str | None = None,
+                label_names: tuple[str, ...] | None = None) -> dict:
     """Everything that determines a collection's content."""
     config = {k: v for k, v in cfg.record().items() if k not in _NOT_IN_KEY}
     return {"kind": "collection", "model": model.fingerprint(), "model_name": model.name,
             "tokenizer": tokenizer_fingerprint(model.tokenizer),
-            "data": data_id or data_fingerprint(dataset), "config": config}
+            "data": data_id or data_fingerprint(dataset), "config": config,
+            "label_names": list(label_names) if label_names else None}
 
 
 def collect_cached(model: LoadedModel, dataset, cfg: CollectConfig, *, data_id: str | None = None,
@@ -90,7 +93,7 @@ def collect_cached(model: LoadedModel, dataset, cfg: CollectConfig, *, data_id: 
         (collection, hit): hit is True when it came from the cache.
     """
     cache = cache or Cache()
-    parts = cache_parts(model, dataset, cfg, data_id)
+    parts = cache_parts(model, dataset, cfg, data_id, label_names)
 
     def write(folder: Path) -> dict:
         col = collect(model, dataset, cfg, label_names, dense_dir=folder if cfg.dense_words else None,

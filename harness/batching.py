@@ -42,7 +42,18 @@ class Encoded:
         return sum(len(ids) for ids in self.input_ids)
 
 
-def encode(tokenizer, dataset, max_length: int = 256, include_special: bool = False) -> Encoded:
+def columns(dataset) -> dict[str, list]:
+    """All columns of a `datasets.Dataset` (or a dict of columns) as Python lists.
+
+    One Arrow conversion: indexing a Dataset column row by row costs ~0.1 ms a row.
+    """
+    if hasattr(dataset, "to_dict"):
+        return dataset.to_dict()
+    return {name: list(values) for name, values in dataset.items()}
+
+
+def encode(tokenizer, dataset, max_length: int = 256, include_special: bool = False,
+           with_words: bool | None = None) -> Encoded:
     """Tokenise a dataset with a `text` or a pre-split `words` column.
 
     Args:
@@ -51,30 +62,33 @@ def encode(tokenizer, dataset, max_length: int = 256, include_special: bool = Fa
             `id`, `label`, `word_labels`.
         max_length: truncation length in tokens; truncated examples are counted in `truncated`.
         include_special: count special tokens ([CLS], [SEP], ...) in the statistics.
+        with_words: compute the token -> word map (default: only for pre-split `words` data);
+            raw text gets the tokenizer's own word split.
     """
-    columns = set(dataset.column_names) if hasattr(dataset, "column_names") else set(dataset)
-    if "words" in columns:
-        batch = tokenizer(list(dataset["words"]), is_split_into_words=True, truncation=True,
+    cols = columns(dataset)
+    if "words" in cols:
+        batch = tokenizer(cols["words"], is_split_into_words=True, truncation=True,
                           max_length=max_length, return_special_tokens_mask=True)
-        n_words = [len(w) for w in dataset["words"]]
-    elif "text" in columns:
-        batch = tokenizer(list(dataset["text"]), truncation=True, max_length=max_length,
+        n_words = [len(w) for w in cols["words"]]
+    elif "text" in cols:
+        batch = tokenizer(cols["text"], truncation=True, max_length=max_length,
                           return_special_tokens_mask=True)
         n_words = None
     else:
-        raise ValueError(f"data needs a 'text' or a 'words' column; it has {sorted(columns)}")
+        raise ValueError(f"data needs a 'text' or a 'words' column; it has {sorted(cols)}")
     ids = batch["input_ids"]
-    word_ids = [batch.word_ids(i) for i in range(len(ids))]
+    with_words = n_words is not None if with_words is None else with_words
+    word_ids = [batch.word_ids(i) for i in range(len(ids))] if with_words else []
     if n_words is None:
         n_words = [1 + max((w for w in wids if w is not None), default=-1) for wids in word_ids]
     counted = [[1] * len(m) if include_special else [1 - s for s in m] for m in batch["special_tokens_mask"]]
     n = len(ids)
-    truncated = sum(1 for i in range(n) if len(ids[i]) >= max_length)
+    # A fast tokenizer keeps what truncation cut off in `overflowing`.
+    truncated = sum(1 for e in (batch.encodings or []) if e.overflowing)
     return Encoded(
         input_ids=ids, counted=counted, word_ids=word_ids,
-        example_ids=list(dataset["id"]) if "id" in columns else list(range(n)),
-        labels=list(dataset["label"]) if "label" in columns else None,
-        word_labels=list(dataset["word_labels"]) if "word_labels" in columns else None,
+        example_ids=cols.get("id", list(range(n))), labels=cols.get("label"),
+        word_labels=cols.get("word_labels"),
         n_words=n_words, truncated=truncated)
 
 
@@ -138,22 +152,22 @@ def make_batch(enc: Encoded, indices: list[int], pad_id: int, alignment: str = "
     """Pad the examples `indices` of `enc` into one batch with its `BatchView`."""
     if alignment not in ALIGNMENTS:
         raise ValueError(f"unknown alignment {alignment!r}; use one of {ALIGNMENTS}")
-    T = max(len(enc.input_ids[i]) for i in indices)
-    B = len(indices)
-    ids = torch.full((B, T), pad_id, dtype=torch.int64)
-    attn = torch.zeros((B, T), dtype=torch.int64)
-    counted = torch.zeros((B, T), dtype=torch.bool)
-    for b, i in enumerate(indices):
-        n = len(enc.input_ids[i])
-        ids[b, :n] = torch.tensor(enc.input_ids[i])
-        attn[b, :n] = 1
-        counted[b, :n] = torch.tensor(enc.counted[i], dtype=torch.bool)
+    lengths = np.array([len(enc.input_ids[i]) for i in indices])
+    B, T = len(indices), int(lengths.max())
+    ids_np = np.full((B, T), pad_id, dtype=np.int64)
+    counted_np = np.zeros((B, T), dtype=bool)
+    for b, i in enumerate(indices):  # numpy row writes: ~10x faster than a torch.tensor per row
+        ids_np[b, : lengths[b]] = enc.input_ids[i]
+        counted_np[b, : lengths[b]] = enc.counted[i]
+    ids = torch.from_numpy(ids_np)
+    attn = torch.from_numpy((np.arange(T)[None, :] < lengths[:, None]).astype(np.int64))
+    counted = torch.from_numpy(counted_np)
     flat = counted.view(-1)
     rows = flat.nonzero().squeeze(1)
     ex = torch.tensor([enc.example_ids[i] for i in indices]).repeat_interleave(T)
     pos = torch.arange(T).repeat(B)
     weight = flat.float()
-    bias = torch.where(flat, 0.0, float("inf")).unsqueeze(1)
+    excluded = (~flat).nonzero().squeeze(1)
     label_weight = None
     need_words = enc.word_labels is not None or word_offsets is not None
     word_rows = word_index = word_w = None
@@ -168,9 +182,10 @@ def make_batch(enc: Encoded, indices: list[int], pad_id: int, alignment: str = "
         sent = torch.tensor([enc.labels[i] for i in indices]).repeat_interleave(T)
         label_weight = torch.zeros(num_labels, B * T)
         label_weight[sent[rows], rows] = 1.0
-    view = BatchView(rows=rows, weight=weight, bias=bias, token_ids=ids.view(-1)[rows],
+    label_binary = alignment != "mean" or enc.word_labels is None
+    view = BatchView(rows=rows, weight=weight, excluded=excluded, token_ids=ids.view(-1)[rows],
                      example_ids=ex[rows], positions=pos[rows], label_weight=label_weight,
-                     counted_np=flat.numpy().astype(np.uint8))
+                     label_binary=label_binary, counted_np=flat.numpy().astype(np.uint8))
     view = BatchView(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(view).items()})
     batch = Batch(ids.to(device), attn.to(device), view, indices)
     if word_offsets is not None:

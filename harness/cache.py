@@ -31,11 +31,12 @@ def content_hash(parts: dict) -> str:
 
 def data_fingerprint(dataset) -> str:
     """Hash of a dataset's content (every column, in order)."""
+    from .batching import columns
+
     h = hashlib.sha256()
-    columns = dataset.column_names if hasattr(dataset, "column_names") else sorted(dataset)
-    for name in sorted(columns):
+    for name, values in sorted(columns(dataset).items()):
         h.update(name.encode())
-        h.update(json.dumps(list(dataset[name]), default=str).encode())
+        h.update(json.dumps(values, default=str).encode())
     return h.hexdigest()[:16]
 
 

@@ -118,7 +118,8 @@ def _bench(args) -> int:
     model = load_model(args.model)
     _, ds = _load_split(args.data, args.split, args.limit, args.seed)
     result = bench_collect(model, ds, BenchConfig(sites=args.sites, repeats=args.repeats,
-                                                  batch1_examples=args.batch1_examples))
+                                                  batch1_examples=args.batch1_examples,
+                                                  max_tokens=args.max_tokens))
     result["versions"] = _versions()
     if args.json:
         print(json.dumps(result, indent=2))
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(b)
     b.add_argument("--repeats", type=int, default=2)
     b.add_argument("--batch1-examples", type=int, default=400)
+    b.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
     b.add_argument("--json", action="store_true", help="print JSON")
     b.set_defaults(fn=_bench)
     p = sub.add_parser("cache", help="list or clear cached statistics")

@@ -46,7 +46,7 @@ class CollectConfig:
     sites: tuple[Site, ...]
     stats: tuple[str, ...] = STAT_NAMES
     max_tokens: int = 4096
-    max_batch: int = 256
+    max_batch: int = 2048
     max_length: int = 256
     topk: int = 10
     alignment: str = "last"
@@ -115,14 +115,13 @@ class Collection:
         return self
 
 
-def _num_labels(dataset, label_names) -> int:
+def _num_labels(enc: Encoded, label_names) -> int:
     if label_names:
         return len(label_names)
-    cols = dataset.column_names
-    if "word_labels" in cols:
-        return 1 + max((max(w, default=-1) for w in dataset["word_labels"]), default=-1)
-    if "label" in cols:
-        return 1 + max(dataset["label"], default=-1)
+    if enc.word_labels is not None:
+        return 1 + max((max(w, default=-1) for w in enc.word_labels), default=-1)
+    if enc.labels is not None:
+        return 1 + max(enc.labels, default=-1)
     return 0
 
 
@@ -142,12 +141,14 @@ class _SiteCollector:
 
     def __call__(self, acts_BTN: torch.Tensor) -> None:
         batch, st = self.batch, self.stats
-        acts = acts_BTN.detach().reshape(-1, acts_BTN.shape[-1]).float()  # (R, N)
+        # (R, N) in the model's dtype (bf16 under CUDA autocast): every reduction below accumulates
+        # in float32 or better without first materialising a float32 copy.
+        acts = acts_BTN.detach().reshape(-1, acts_BTN.shape[-1])
         if st.labels is not None:
             view = batch.view
-            st.labels.update(view.label_weight @ acts, view.label_weight.sum(1))
+            st.labels.update(_label_sums(view, acts), view.label_weight.sum(1))
         if acts.device.type == "cpu" and fused.available() and self.use_fused:
-            self._update_fused(acts, batch.view)
+            self._update_fused(acts.float(), batch.view)
         else:
             self._update_torch(acts, batch.view)
         if self.dense is not None:
@@ -162,7 +163,7 @@ class _SiteCollector:
         if st.moments is not None:
             # With top-k on, each neuron's running max is its top-1: no extra pass for it.
             running_max = st.topk.values[:, 0] if st.topk is not None else None
-            st.moments.update(acts, view, view.weight @ acts, running_max)
+            st.moments.update(acts, view, running_max)
 
     def _update_fused(self, acts: torch.Tensor, view) -> None:
         st = self.stats
@@ -190,8 +191,21 @@ class _SiteCollector:
     def _write_dense(self, acts: torch.Tensor, batch: Batch) -> None:
         words, inverse = torch.unique(batch.word_index, return_inverse=True)
         rep = torch.zeros(words.numel(), acts.shape[1], device=acts.device)
-        rep.index_add_(0, inverse, acts.index_select(0, batch.word_rows) * batch.word_row_weight[:, None])
+        rep.index_add_(0, inverse, acts.index_select(0, batch.word_rows).float() * batch.word_row_weight[:, None])
         self.dense[words.cpu().numpy()] = rep.cpu().numpy().astype(np.float16)
+
+
+def _label_sums(view, acts: torch.Tensor) -> torch.Tensor:
+    """(L, N) float32 per-label sums, one GEMM; bf16 activations stay bf16 when the weights are 0/1."""
+    weight = view.label_weight
+    if acts.dtype == torch.float32:
+        return weight @ acts
+    if view.label_binary:
+        try:  # bf16 x bf16 -> fp32 output (exact 0/1 weights, fp32 accumulation)
+            return torch.mm(weight.to(acts.dtype), acts, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    return weight @ acts.float()
 
 
 def _autocast(device: torch.device):
@@ -239,10 +253,18 @@ def collect(model: LoadedModel, dataset, cfg: CollectConfig, label_names: tuple[
     for site in cfg.sites:
         model.sites(str(site))  # raises on a site outside the model
     max_length = min(cfg.max_length, model.max_length)
-    enc = encode(model.tokenizer, dataset, max_length, cfg.include_special)
+    enc = encode(model.tokenizer, dataset, max_length, cfg.include_special,
+                 with_words=None if not cfg.dense_words else True)
     if enc.truncated:
         log.warning("%d examples were truncated to %d tokens", enc.truncated, max_length)
-    num_labels = _num_labels(dataset, label_names) if "labels" in cfg.stats else 0
+    return collect_encoded(model, enc, cfg, label_names, dense_dir, progress)
+
+
+def collect_encoded(model: LoadedModel, enc: Encoded, cfg: CollectConfig,
+                    label_names: tuple[str, ...] | None = None, dense_dir: Path | None = None,
+                    progress: bool = True) -> Collection:
+    """`collect` on already tokenised examples (see `batching.encode`)."""
+    num_labels = _num_labels(enc, label_names) if "labels" in cfg.stats else 0
     index = NeuronIndex.build({s: model.width(s) for s in cfg.sites})
     collectors = {s: _SiteCollector(index.width(s), cfg, num_labels, model.device) for s in cfg.sites}
     word_offsets = None

@@ -182,7 +182,8 @@ def site_width(model: nn.Module, site: Site) -> int:
 
 def model_fingerprint(model: nn.Module, revision: str | None = None) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "_commit_hash")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     if revision:
         h.update(f"revision:{revision}".encode())
     else:

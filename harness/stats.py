@@ -22,7 +22,7 @@ class BatchView:
     Attributes:
         rows: (M,) indices of the counted rows (real, non-special tokens).
         weight: (R,) 1.0 for counted rows, 0.0 otherwise.
-        bias: (R, 1) 0 for counted rows, +inf otherwise (added before a min).
+        excluded: (E,) indices of the rows not counted (pads, uncounted special tokens).
         token_ids: (M,) vocabulary id of each counted row.
         example_ids: (M,) dataset id of each counted row's example.
         positions: (M,) token position of each counted row.
@@ -32,12 +32,32 @@ class BatchView:
 
     rows: torch.Tensor
     weight: torch.Tensor
-    bias: torch.Tensor
+    excluded: torch.Tensor
     token_ids: torch.Tensor
     example_ids: torch.Tensor
     positions: torch.Tensor
     label_weight: torch.Tensor | None = None
+    label_binary: bool = True  # label weights are all 0/1 (exact in bf16)
     counted_np: "np.ndarray | None" = None  # (R,) uint8 copy of the counted mask, for the CPU kernel
+
+
+def _masked_extreme(acts_RN: torch.Tensor, excluded: torch.Tensor, view: BatchView, largest: bool) -> torch.Tensor:
+    """Per-neuron min (or max) over the counted rows only.
+
+    Takes the extreme over all rows, and recomputes with a mask only the neurons whose extreme
+    may come from an uncounted row.
+    """
+    reduce = torch.amax if largest else torch.amin
+    full = reduce(acts_RN, 0).float()
+    if excluded.shape[0] == 0:
+        return full
+    ex = reduce(excluded, 0)
+    cols = ((ex >= full) if largest else (ex <= full)).nonzero().squeeze(1)
+    if cols.numel():
+        sub = acts_RN.index_select(1, cols).float()
+        fill = float("-inf") if largest else float("inf")
+        full[cols] = reduce(torch.where(view.weight[:, None] > 0, sub, fill), 0)
+    return full
 
 
 class Moments:
@@ -62,19 +82,30 @@ class Moments:
         self.min = torch.minimum(self.min, mn.to(self.min))
         self.max = torch.maximum(self.max, mx.to(self.max))
 
-    def update(self, acts_RN: torch.Tensor, view: BatchView, row_sums_N: torch.Tensor,
-               max_N: torch.Tensor | None = None) -> None:
-        """Add one padded batch with torch reductions (`row_sums_N`: the counted rows' sums)."""
+    def update(self, acts_RN: torch.Tensor, view: BatchView, max_N: torch.Tensor | None = None) -> None:
+        """Add one padded batch with torch reductions (`max_N`: the counted rows' max, if known).
+
+        Sums run over all rows with float32 accumulation, then the few uncounted rows (pads,
+        special tokens) are subtracted: no masked float32 copy of the activations is made.
+        """
         m = int(view.rows.numel())
         if m == 0:
             return
-        mean = row_sums_N / m
-        centred = acts_RN - mean
-        centred.mul_(centred)
-        m2 = view.weight[None] @ centred
-        mn = (acts_RN + view.bias).amin(0)
-        mx = max_N if max_N is not None else (acts_RN - view.bias).amax(0)
-        self.add(m, mean.double(), m2[0].double(), mn, mx)
+        excluded = acts_RN.index_select(0, view.excluded).float()  # (E, N), small
+        s = acts_RN.sum(0, dtype=torch.float32).double() - excluded.sum(0).double()
+        q = torch.linalg.vector_norm(acts_RN, dim=0, dtype=torch.float32).double().square()
+        q -= excluded.square().sum(0).double()
+        mean = s / m
+        m2 = (q - s * mean).clamp_min(0)
+        # sum x^2 - m mean^2 cancels badly where the mean dwarfs the spread (float32 sums): redo
+        # those few neurons exactly around their mean.
+        cols = (s * mean > 1e3 * m2).nonzero().squeeze(1)
+        if cols.numel():
+            d = acts_RN.index_select(1, cols).double() - mean[cols]
+            m2[cols] = (view.weight.double() @ (d * d))
+        mn = _masked_extreme(acts_RN, excluded, view, largest=False)
+        mx = max_N if max_N is not None else _masked_extreme(acts_RN, excluded, view, largest=True)
+        self.add(m, mean, m2, mn, mx)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -121,7 +152,7 @@ class Max1:
 
     def update(self, acts_RN: torch.Tensor, view: BatchView) -> None:
         vals, idx = acts_RN.max(dim=1)  # (R,)
-        self.add(idx, vals, view)
+        self.add(idx, vals.float(), view)
 
     def add(self, row_idx: torch.Tensor, row_val: torch.Tensor, view: BatchView) -> None:
         """Credit each counted row's token to its arg-max neuron `row_idx` with value `row_val`."""
@@ -137,8 +168,8 @@ class Max1:
             self._compact()
 
     def _compact(self) -> None:
-        if len(self._keys) <= 1:
-            return
+        if not self._keys or (len(self._keys) == 1 and self._pending == self._compacted):
+            return  # nothing, or already one deduplicated, sorted block
         keys, inverse = torch.unique(torch.cat(self._keys), return_inverse=True)
         vals = torch.zeros(keys.numel(), dtype=torch.float64, device=keys.device)
         counts = torch.zeros(keys.numel(), dtype=torch.int64, device=keys.device)
