@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
     b.add_argument("--json", action="store_true", help="print JSON")
     b.set_defaults(fn=_bench)
+    from .zoo import add_zoo_parser
+
+    add_zoo_parser(sub)
     p = sub.add_parser("cache", help="list or clear cached statistics")
     p.add_argument("action", choices=("ls", "clear"))
     p.set_defaults(fn=_cache)

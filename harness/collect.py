@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import fused
+from . import fused, fused_cuda
 from .batching import ALIGNMENTS, Batch, Encoded, encode, make_batch, plan_batches
 from .hooks import site_hooks
 from .models import LoadedModel
 from .sites import NeuronIndex, Site
-from .stats import STAT_NAMES, LabelSums, Max1, Moments, TopK
+from .stats import STAT_NAMES, LabelSums, Max1, Moments, TopK, mean_m2
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,9 @@ class CollectConfig:
         alignment: word <- subword alignment for word labels and dense word matrices.
         include_special: count special tokens ([CLS], [SEP], ...) in the statistics.
         dense_words: also write a float16 word-level activation matrix per site.
-        fused: on CPU, compute the statistics in one pass with the numba kernel (same results as the
-            torch reductions, which are used on CUDA or when this is False).
+        fused: compute the statistics in one pass over the activations: the numba kernel on CPU,
+            the Triton kernel on CUDA (same results as the plain torch reductions used when this is
+            False or no kernel is available).
     """
 
     sites: tuple[Site, ...]
@@ -149,6 +150,8 @@ class _SiteCollector:
             st.labels.update(_label_sums(view, acts), view.label_weight.sum(1))
         if acts.device.type == "cpu" and fused.available() and self.use_fused:
             self._update_fused(acts.float(), batch.view)
+        elif self.use_fused and fused_cuda.available(acts.device):
+            self._update_cuda(acts, batch.view)
         else:
             self._update_torch(acts, batch.view)
         if self.dense is not None:
@@ -184,6 +187,26 @@ class _SiteCollector:
             else:
                 rows, cols, vals = (torch.from_numpy(a) for a in out.candidates())
                 st.topk.add_candidates(rows, cols, vals, view)
+
+    def _update_cuda(self, acts: torch.Tensor, view) -> None:
+        st = self.stats
+        skip = 0
+        if st.topk is not None:
+            skip = 0 if st.topk.warm else st.topk.warm_up(acts, view)
+            thr = st.topk.threshold.contiguous()
+        else:
+            thr = torch.full((acts.shape[1],), float("inf"), device=acts.device)
+        out = fused_cuda.run(acts, view.weight, thr)
+        if st.moments is not None and view.rows.numel():
+            mean, m2 = mean_m2(acts, view, out.sum, out.sumsq)
+            st.moments.add(int(view.rows.numel()), mean, m2, out.min, out.max)
+        if st.max1 is not None:
+            st.max1.add(out.row_idx.long(), out.row_val, view)
+        if st.topk is not None:
+            flagged = out.row_hit.nonzero().squeeze(1)  # rows holding a value above its threshold
+            sub = acts.index_select(0, flagged)
+            cand = (sub > thr).nonzero()
+            st.topk.add_candidates(flagged[cand[:, 0]], cand[:, 1], sub[cand[:, 0], cand[:, 1]], view, skip)
 
     def _no_threshold(self, n: int) -> np.ndarray:
         return np.full(n, np.inf, dtype=np.float32)

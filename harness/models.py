@@ -70,6 +70,8 @@ def register_alias(name: str, resolve: Callable[[], str], description: str) -> N
 
 def aliases() -> dict[str, str]:
     """Alias name -> description."""
+    from . import zoo  # noqa: F401  (importing the zoo registers its entries)
+
     return {name: desc for name, (_, desc) in sorted(_ALIASES.items())}
 
 
@@ -225,11 +227,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_ref(name: str) -> tuple[str, str | None]:
+    """Alias or zoo name -> (id or folder, hub revision); anything else is returned unchanged."""
+    from . import zoo  # lazy: the zoo imports this module, and registers its aliases on import
+
+    found = zoo.locate(name)
+    if found:
+        return found
+    return (_ALIASES[name][0]() if name in _ALIASES else name), None
+
+
 def resolve(name: str) -> str:
-    """Alias -> id/folder; anything else is returned unchanged."""
-    if name in _ALIASES:
-        return _ALIASES[name][0]()
-    return name
+    return resolve_ref(name)[0]
 
 
 def _auto_class(kind: str, config):
@@ -288,7 +297,8 @@ def load_model(name: str, kind: str = "auto", device: str | torch.device | None 
     """
     from transformers import AutoTokenizer
 
-    source = resolve(name)
+    source, zoo_revision = resolve_ref(name)
+    revision = revision or zoo_revision
     config = _load_config(name, source, revision)
     if config.model_type not in ARCHS:
         raise ValueError(f"model {name!r} has architecture {config.model_type!r}, which NeuronBench "

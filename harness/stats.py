@@ -41,6 +41,22 @@ class BatchView:
     counted_np: "np.ndarray | None" = None  # (R,) uint8 copy of the counted mask, for the CPU kernel
 
 
+def mean_m2(acts_RN: torch.Tensor, view: BatchView, s: torch.Tensor, q: torch.Tensor):
+    """Float64 mean and M2 of the counted rows from their sum `s` and sum of squares `q`.
+
+    `q - s * mean` cancels badly where the mean dwarfs the spread (float32 partial sums): those
+    few neurons are recomputed exactly around their mean.
+    """
+    m = int(view.rows.numel())
+    mean = s / m
+    m2 = (q - s * mean).clamp_min(0)
+    cols = (s * mean > 1e3 * m2).nonzero().squeeze(1)
+    if cols.numel():
+        d = acts_RN.index_select(1, cols).double() - mean[cols]
+        m2[cols] = view.weight.double() @ (d * d)
+    return mean, m2
+
+
 def _masked_extreme(acts_RN: torch.Tensor, excluded: torch.Tensor, view: BatchView, largest: bool) -> torch.Tensor:
     """Per-neuron min (or max) over the counted rows only.
 
@@ -95,14 +111,7 @@ class Moments:
         s = acts_RN.sum(0, dtype=torch.float32).double() - excluded.sum(0).double()
         q = torch.linalg.vector_norm(acts_RN, dim=0, dtype=torch.float32).double().square()
         q -= excluded.square().sum(0).double()
-        mean = s / m
-        m2 = (q - s * mean).clamp_min(0)
-        # sum x^2 - m mean^2 cancels badly where the mean dwarfs the spread (float32 sums): redo
-        # those few neurons exactly around their mean.
-        cols = (s * mean > 1e3 * m2).nonzero().squeeze(1)
-        if cols.numel():
-            d = acts_RN.index_select(1, cols).double() - mean[cols]
-            m2[cols] = (view.weight.double() @ (d * d))
+        mean, m2 = mean_m2(acts_RN, view, s, q)
         mn = _masked_extreme(acts_RN, excluded, view, largest=False)
         mx = max_N if max_N is not None else _masked_extreme(acts_RN, excluded, view, largest=True)
         self.add(m, mean, m2, mn, mx)
@@ -228,27 +237,33 @@ class TopK:
         """True once every neuron holds k entries, so the threshold filter applies."""
         return not bool(torch.isinf(self.threshold).any())
 
+    def warm_up(self, acts_RN: torch.Tensor, view: BatchView, rows: int = 256) -> int:
+        """Fill every neuron's list from the batch's first `rows` counted rows (a small dense
+        top-k), so the threshold filter applies to the rest. Returns how many rows it used."""
+        first = view.rows[:rows]
+        block = acts_RN.index_select(0, first)  # (n, N)
+        kk = min(self.k, block.shape[0])
+        vals, local = block.T.topk(kk, dim=1)  # (N, kk)
+        neuron = torch.arange(vals.shape[0], device=vals.device).repeat_interleave(kk)
+        local = local.reshape(-1)
+        self._merge(neuron, vals.reshape(-1), view.example_ids[local], view.positions[local])
+        return int(first.numel())
+
     def update(self, acts_RN: torch.Tensor, view: BatchView) -> None:
-        if not self.warm:  # take each neuron's batch top-k densely
-            counted = acts_RN.index_select(0, view.rows)
-            kk = min(self.k, counted.shape[0])
-            vals, local = counted.T.topk(kk, dim=1)  # (N, kk)
-            neuron = torch.arange(vals.shape[0], device=vals.device).repeat_interleave(kk)
-            local = local.reshape(-1)
-            self._merge(neuron, vals.reshape(-1), view.example_ids[local], view.positions[local])
-            return
+        skip = 0 if self.warm else self.warm_up(acts_RN, view)
         cand = (acts_RN > self.threshold).nonzero()  # (C, 2): row, neuron
-        self.add_candidates(cand[:, 0], cand[:, 1], acts_RN[cand[:, 0], cand[:, 1]], view)
+        self.add_candidates(cand[:, 0], cand[:, 1], acts_RN[cand[:, 0], cand[:, 1]], view, skip)
 
     def add_candidates(self, rows: torch.Tensor, neuron: torch.Tensor, vals: torch.Tensor,
-                       view: BatchView) -> None:
-        """Offer entries at padded `rows`; pads and uncounted special tokens are dropped."""
+                       view: BatchView, skip: int = 0) -> None:
+        """Offer entries at padded `rows`; pads, uncounted special tokens and the first `skip`
+        counted rows (already taken by `warm_up`) are dropped."""
         if not rows.numel():
             return
         row_of = torch.full((view.weight.numel(),), -1, dtype=torch.int64, device=rows.device)
         row_of[view.rows] = torch.arange(view.rows.numel(), device=rows.device)
         local = row_of[rows]
-        keep = local >= 0
+        keep = local >= skip
         local = local[keep]
         self._merge(neuron[keep], vals[keep], view.example_ids[local], view.positions[local])
 

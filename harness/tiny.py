@@ -15,29 +15,39 @@ _DEFAULT_TEXT = (
 )
 
 
-def tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 120, cls_sep: bool = True):
-    """A WordPiece tokenizer trained on `texts`, small enough that many words split into pieces.
+def tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 80, cls_sep: bool = True):
+    """A deterministic WordPiece tokenizer over `texts`, small enough that many words split.
+
+    The vocabulary is the special tokens, every character (word-initial and `##` continuation)
+    and the most frequent whole words (ties broken alphabetically) up to `vocab_size`; other words
+    split into pieces. (The `tokenizers` trainer breaks frequency ties in hash order, so it is not
+    used: the same text must always give the same tokenizer.)
 
     Args:
-        texts: training text; a fixed default paragraph when None.
+        texts: text to take words from; a fixed default paragraph when None.
         vocab_size: target vocabulary size (small values force subword splits).
         cls_sep: wrap every sequence in [CLS] ... [SEP] (BERT style).
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    words = Counter(w for t in (texts or [_DEFAULT_TEXT]) for w in t.lower().split())
+    chars = sorted({c for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + chars + [f"##{c}" for c in chars]
+    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if word not in vocab:
+            vocab.append(word)
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(texts or [_DEFAULT_TEXT], trainer=trainer)
     if cls_sep:
-        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
                                    cls_token="[CLS]", sep_token="[SEP]")
     return prepare_tokenizer(fast)

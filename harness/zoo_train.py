@@ -26,8 +26,8 @@ class ClassifierHP:
     """How to fine-tune a sequence classifier on a sentence dataset.
 
     Attributes:
-        init: model alias or folder to start from, or "tiny-bert" for a tiny random BERT with a
-            WordPiece tokenizer trained on the train split (tiny builds).
+        init: model alias or folder to start from, or "tiny-bert" for a tiny random BERT
+            (`tiny.tiny_config`) with a word-level tokenizer of the train split (tiny builds).
         data: registered sentence dataset, split with `seed` (80/10/10).
         seed: split, initialisation, dropout and data-order seed.
         lr, batch_size, max_length, epochs, warmup_frac, weight_decay, max_grad_norm: the AdamW
@@ -163,8 +163,7 @@ def build_classifier(hp: ClassifierHP, out: Path, progress: bool = True) -> Buil
     best = max(history, key=lambda h: h["dev_accuracy"])  # the first of equals: earlier epoch
     metrics.update(dev_accuracy=best["dev_accuracy"], best_epoch=best["epoch"], epochs=history,
                    test_accuracy=_accuracy(model, *enc["test"], pad, device))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save(model, tokenizer, out)
     record = corpus.split_record()
     if hp.limit is not None:
         record["used"] = {k: len(v) for k, v in splits.items()}
@@ -177,9 +176,11 @@ def _init_classifier(hp: ClassifierHP, label_names, train_texts: list[str]):
     labels = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                   label2id={n: i for i, n in enumerate(label_names)})
     if hp.init == "tiny-bert":
-        from .tiny import tiny_config, tiny_tokenizer
+        from .tiny import tiny_config
 
-        tokenizer = tiny_tokenizer(train_texts, vocab_size=300)
+        # Not tiny.tiny_tokenizer: tokenizers' WordPiece trainer breaks frequency ties in hash
+        # order, so its vocabulary (and every metric after it) changes from run to run.
+        tokenizer = word_tokenizer(train_texts, hp.max_length, bert=True, max_words=300)
         config = tiny_config("bert", len(tokenizer), num_labels=len(label_names))
         config.update({k: v for k, v in labels.items() if k != "num_labels"})
         return tokenizer, AutoModelForSequenceClassification.from_config(config)
@@ -281,34 +282,49 @@ def _probe_acc(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------- trajectory
 
-SPECIALS = ("<pad>", "<eos>", "<unk>")
+def word_tokenizer(lines: list[str], max_length: int, bert: bool = False, max_words: int | None = None):
+    """A fast word-level tokenizer over the words of `lines`, the same on every run.
 
+    Ids: the special tokens first, then words by decreasing count (ties alphabetical).
+    Language-model style (default): <pad>, <eos>, <unk>; words are split on whitespace alone, so
+    PTB's `<unk>` and `n't` stay whole and `<unk>` is both a word of the text and the unknown
+    token. BERT style (`bert=True`): [PAD], [UNK], [CLS], [SEP]; lower-cased, punctuation split
+    off, every sequence wrapped in [CLS] ... [SEP].
 
-def word_tokenizer(lines: list[str], max_length: int):
-    """A fast word-level tokenizer over every whitespace-separated word of `lines`.
-
-    Ids: <pad>=0, <eos>=1, <unk>=2, then words by decreasing count (ties alphabetical), so the
-    vocabulary depends on the text only. Words are split on whitespace alone: PTB's `<unk>` and
-    `n't` stay whole, and `<unk>` is both a word of the text and the unknown token.
+    Args:
+        lines: the training text.
+        max_length: the tokenizer's model_max_length.
+        bert: BERT style instead of language-model style.
+        max_words: keep only this many most frequent words; None keeps all.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    counts = Counter(w for line in lines for w in line.split())
-    words = [w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])) if w not in SPECIALS]
-    vocab = {w: i for i, w in enumerate((*SPECIALS, *words))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>", model_max_length=max_length)
-    return prepare_tokenizer(fast)
+    specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if bert else ("<pad>", "<eos>", "<unk>")
+    pre = pre_tokenizers.Whitespace() if bert else pre_tokenizers.WhitespaceSplit()
+    norm = normalizers.Lowercase() if bert else None
+    counts = Counter(w for line in lines for w, _ in pre.pre_tokenize_str(norm.normalize_str(line) if norm else line))
+    words = [w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])) if w not in specials]
+    vocab = {w: i for i, w in enumerate((*specials, *words[:max_words]))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[1 if bert else 2]))
+    tok.pre_tokenizer = pre
+    if bert:
+        tok.normalizer = norm
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        names = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    else:
+        names = dict(pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **names))
 
 
 def _stream(tokenizer, lines: list[str]) -> torch.Tensor:
     """All lines' token ids, each line followed by <eos>, as one 1-D tensor."""
     eos = tokenizer.eos_token_id
-    ids = tokenizer(lines, add_special_tokens=False)["input_ids"]
-    return torch.tensor([t for row in ids for t in (*row, eos)], dtype=torch.long)
+    # The backend, not `tokenizer(...)`: lines longer than model_max_length are fine in a stream.
+    rows = tokenizer.backend_tokenizer.encode_batch(lines, add_special_tokens=False)
+    return torch.tensor([t for row in rows for t in (*row.ids, eos)], dtype=torch.long)
 
 
 def build_trajectory(hp: TrajectoryHP, out: Path, progress: bool = True) -> BuildResult:
@@ -340,7 +356,7 @@ def build_trajectory(hp: TrajectoryHP, out: Path, progress: bool = True) -> Buil
     model.train()
     for step in tqdm(range(1, steps + 1), desc="train LM", unit="step", disable=not progress):
         x = chunks_NL[order[step - 1]].to(device)
-        loss = model(input_ids=x, labels=x).loss
+        loss = _lm_loss(model, x, "mean")
         _step(model, opt, sched, loss, hp.max_grad_norm)
         losses.append(loss.item())
         if step in hp.checkpoints:
@@ -366,9 +382,22 @@ def _chunk_order(n_chunks: int, batch_size: int, steps: int, seed: int) -> np.nd
 def _save_checkpoint(model, tokenizer, folder: Path, point: dict) -> None:
     import json
 
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    _save(model, tokenizer, folder)
     (folder / "manifest.json").write_text(json.dumps(point, indent=2, sort_keys=True) + "\n")
+
+
+def _save(model, tokenizer, folder: Path) -> None:
+    from transformers.utils import logging as tf_logging
+
+    # save_pretrained draws its own bar per shard; the zoo's bars are enough.
+    was_enabled = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    finally:
+        if was_enabled:
+            tf_logging.enable_progress_bar()
 
 
 @torch.no_grad()
@@ -379,8 +408,13 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, device, batch_size: int =
     total, count = 0.0, 0
     for s in range(0, len(blocks_NL), batch_size):
         x = blocks_NL[s:s + batch_size].to(device)
-        logits_BLV = model(input_ids=x).logits[:, :-1].float()
-        total += F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), x[:, 1:].reshape(-1),
-                                 reduction="sum").item()
+        total += _lm_loss(model, x, "sum").item()
         count += x[:, 1:].numel()
     return math.exp(total / count)
+
+
+def _lm_loss(model, x_BL: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Next-token cross-entropy of every position but the last."""
+    logits_BLV = model(input_ids=x_BL).logits[:, :-1].float()
+    return F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), x_BL[:, 1:].reshape(-1),
+                           reduction=reduction)

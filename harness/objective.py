@@ -1,0 +1,155 @@
+"""The task objective that gradient methods differentiate, and batches of the data to differentiate it on.
+
+Classifier: log-probability of the gold label. Causal LM: mean next-token log-likelihood. A bare
+encoder (`base`) has no task head, so there is no objective and gradient methods do not apply.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .batching import Batch, encode, make_batch, plan_batches
+from .method import MethodContext, NeuronScores
+from .models import LoadedModel
+from .sites import Site
+
+
+def require_task_head(model: LoadedModel, method: str = "this method") -> None:
+    """Raise ValueError when `model` has no task head (a `base` model) to differentiate."""
+    if model.kind not in ("classifier", "causal-lm"):
+        raise ValueError(
+            f"{method} is not applicable to model {model.name!r} of kind {model.kind!r}: it needs a "
+            "task head (kind 'classifier' or 'causal-lm') to define an objective; load the model "
+            "with kind='classifier' or kind='causal-lm'")
+
+
+def _copies(n_rows: int, batch: Batch) -> int:
+    B = batch.input_ids.shape[0]
+    if n_rows % B:
+        raise ValueError(f"model output has {n_rows} rows, not a multiple of the batch's {B} examples")
+    return n_rows // B
+
+
+def objective(loaded: LoadedModel, batch_outputs, batch: Batch, labels: torch.Tensor | None) -> torch.Tensor:
+    """Per-example objective, differentiable, in float32.
+
+    Args:
+        loaded: the model (its `kind` picks the objective).
+        batch_outputs: the model's output for `batch`, or for K copies of it stacked copy-major
+            (rows k*B .. k*B+B-1 are copy k), with `.logits`.
+        batch: the batch that was run.
+        labels: (B,) gold label of each example of `batch` (classifiers), else ignored.
+
+    Returns:
+        (K*B,): log p(gold label) for a classifier; for a causal LM the mean over the example's
+        predicted tokens of log p(next token) (0 for a one-token example).
+    """
+    require_task_head(loaded, "a gradient objective")
+    logits = batch_outputs.logits.float()
+    k = _copies(logits.shape[0], batch)
+    if loaded.kind == "classifier":
+        if labels is None:
+            raise ValueError("a classifier objective needs gold labels: the data needs a 'label' column")
+        gold = labels.to(logits.device).repeat(k)
+        return torch.log_softmax(logits, -1).gather(1, gold[:, None])[:, 0]
+    ids = batch.input_ids.repeat(k, 1)
+    attn = batch.attention_mask.repeat(k, 1)
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None])[..., 0]  # (KB, T-1)
+    valid = (attn[:, 1:] * attn[:, :-1]).to(logp.dtype)
+    return (logp * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Inside the block no parameter of `model` requires grad (their flags are restored after).
+
+    Gradient methods differentiate with respect to activations or their own parameters only;
+    freezing spares the weight gradients and keeps `.grad` of the model untouched.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def gradient_batches(loaded: LoadedModel, data, max_tokens: int = 2048, max_batch: int = 64,
+                     max_length: int | None = None, include_special: bool = True,
+                     ) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+    """Batches of `data` on the model's device, yielded with gradients enabled (model frozen).
+
+    Args:
+        loaded: the model (must have a task head).
+        data: a `datasets.Dataset` with `text` (and `label` for a classifier).
+        max_tokens: padded tokens per batch.
+        max_batch: examples per batch at most.
+        max_length: truncation length; default the model's limit.
+        include_special: count special tokens in `batch.view` (a classifier reads [CLS], so
+            gradient methods count them).
+
+    Yields:
+        (batch, labels): labels is (B,) gold labels of the batch's examples (None for a causal LM).
+        Examples come longest first; `batch.indices` gives their positions in `data`.
+    """
+    require_task_head(loaded, "a gradient method")
+    enc = encode(loaded.tokenizer, data, max_length or loaded.max_length, include_special=include_special)
+    if loaded.kind == "classifier" and enc.labels is None:
+        raise ValueError("a classifier objective needs gold labels: the data needs a 'label' column")
+    all_labels = torch.tensor(enc.labels) if loaded.kind == "classifier" else None
+    pad = loaded.tokenizer.pad_token_id
+    with frozen(loaded.model), torch.inference_mode(False), torch.enable_grad():
+        for indices in plan_batches([len(x) for x in enc.input_ids], max_tokens, max_batch):
+            batch = make_batch(enc, indices, pad, device=loaded.device)
+            labels = all_labels[indices].to(loaded.device) if all_labels is not None else None
+            yield batch, labels
+
+
+def run(loaded: LoadedModel, batch: Batch, batch_copies: int = 1):
+    """Forward `batch` (repeated `batch_copies` times, copy-major) through the model."""
+    return loaded.model(input_ids=batch.input_ids.repeat(batch_copies, 1),
+                        attention_mask=batch.attention_mask.repeat(batch_copies, 1))
+
+
+# An attribution function maps (batch, labels, sites) to per-site attributions (B, T, N) of the
+# objective: the shared shape of gradient methods, so relevance and position scores are built once.
+Attribution = Callable[[Batch, "torch.Tensor | None", tuple[Site, ...]], dict[Site, torch.Tensor]]
+
+
+def neuron_relevance(ctx: MethodContext, attribute: Attribution, max_tokens: int = 2048) -> NeuronScores:
+    """Per neuron, the mean over every real token of `ctx.data` of |attribution|.
+
+    Every non-pad token counts, special tokens included: a classifier reads [CLS], so without it a
+    last-layer neuron would look irrelevant. The absolute value keeps positive and negative
+    contributions from cancelling: a neuron that pushes the objective either way is relevant.
+    """
+    index = ctx.index
+    sums = {s: torch.zeros(index.width(s), dtype=torch.float64) for s in index.sites}
+    count = 0
+    for batch, labels in gradient_batches(ctx.model, ctx.data, max_tokens=max_tokens):
+        attributions = attribute(batch, labels, index.sites)
+        rows = batch.view.rows
+        for site, attr_BTN in attributions.items():
+            sums[site] += attr_BTN.detach().reshape(-1, attr_BTN.shape[-1])[rows].abs().sum(0).double().cpu()
+        count += int(rows.numel())
+    return NeuronScores(index, index.concat({s: (v / max(count, 1)).float() for s, v in sums.items()}))
+
+
+def position_scores(ctx: MethodContext, layer: int, attribute: Attribution,
+                    max_tokens: int = 2048) -> list[torch.Tensor]:
+    """Per example of `ctx.data`, the signed sum over hidden dims of the attribution at `resid.layer`,
+    one score per token of the model's tokenisation (special tokens included)."""
+    site = Site.resid(layer)
+    ctx.model.width(site)  # checks the layer exists before any work
+    out: list[torch.Tensor] = [torch.zeros(0)] * len(ctx.data)
+    for batch, labels in gradient_batches(ctx.model, ctx.data, max_tokens=max_tokens):
+        per_pos_BT = attribute(batch, labels, (site,))[site].detach().sum(-1).float().cpu()
+        lengths = batch.attention_mask.sum(1).tolist()
+        for b, i in enumerate(batch.indices):
+            out[i] = per_pos_BT[b, : lengths[b]].clone()
+    return out
