@@ -129,6 +129,51 @@ def _bench(args) -> int:
     return 0
 
 
+def _methods(args) -> int:
+    from .method import METHODS, VERBS, get_method
+
+    print(f"{'method':<22} {'verbs':<50} needs")
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        verbs = ",".join(v for v in VERBS if cls.supports(v))
+        needs = ", ".join(k for k, v in vars(cls.needs).items() if v) or "-"
+        print(f"{name:<22} {verbs:<50} {needs}")
+    print("Your own: --method path.to.module:Class, or the entry-point group neuronbench.methods")
+    return 0
+
+
+def _explain(args) -> int:
+    """Run one verb of one method on a split and write its answer (data only, no score)."""
+    import polars as pl
+
+    from .method import MethodContext, NotApplicable, call_verb, get_method
+    from .models import load_model
+    from .paths import atomic_write_text
+
+    method = get_method(args.method)
+    model = load_model(args.model)
+    corpus, ds = _load_split(args.data, args.split, args.limit, args.seed)
+    parent = load_model(args.parent) if args.parent else None
+    ctx = MethodContext(model, model.sites(args.sites), ds, f"{corpus.fingerprint}:{args.split}:{args.limit}",
+                        seed=args.seed, label_names=corpus.label_names, parent=parent)
+    out = call_verb(method, args.verb, ctx)
+    if isinstance(out, NotApplicable):
+        print(out)
+        return 1
+    if args.verb == "stage_change":
+        print(f"{method.name}: stage change {args.parent} -> {args.model} = {out:.6f}")
+        return 0
+    index = ctx.index
+    rows = [{"site": str(index.unflat(i)[0]), "index": index.unflat(i)[1], "score": float(v)}
+            for i, v in enumerate(out.overall().tolist())]
+    table = pl.DataFrame(rows).sort("score", descending=True)
+    print(table.head(args.show))
+    if args.out:
+        atomic_write_text(Path(args.out), table.write_csv())
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _cache(args) -> int:
     from .cache import Cache
 
@@ -181,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
     b.add_argument("--json", action="store_true", help="print JSON")
     b.set_defaults(fn=_bench)
+    p = sub.add_parser("methods", help="list the registered methods and their verbs")
+    p.set_defaults(fn=_methods)
+    p = sub.add_parser("explain", help="run one method verb (relevance or stage_change) on a split")
+    _add_data_args(p)
+    p.set_defaults(split="train")
+    p.add_argument("--method", required=True, help="a baseline name or path.to.module:Class")
+    p.add_argument("--verb", default="relevance", choices=("relevance", "stage_change"))
+    p.add_argument("--parent", help="the earlier model stage (for stage_change or stage-based relevance)")
+    p.add_argument("--show", type=int, default=10, help="top neurons to print")
+    p.add_argument("--out", help="CSV file for the per-neuron scores")
+    p.set_defaults(fn=_explain)
     from .zoo import add_zoo_parser
 
     add_zoo_parser(sub)
@@ -199,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
+    except BrokenPipeError:  # output piped into head & co.
+        return 0
     except (ValueError, KeyError, FileNotFoundError, IndexError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"neuronbench: error: {msg}", file=sys.stderr)
