@@ -18,7 +18,8 @@ class RandomMethod(Method):
         return NeuronScores(index, torch.rand(index.size, generator=ctx.generator()))
 
     def stage_change(self, ctx: MethodContext) -> float:
-        return float(torch.rand(1, generator=ctx.generator()))
+        stages = (ctx.parent.fingerprint() if ctx.parent else "", ctx.model.fingerprint())
+        return float(torch.rand(1, generator=ctx.generator(*stages)))  # a fresh draw per stage pair
 
     def descriptors(self, ctx: MethodContext, vocabulary: tuple[str, ...]) -> dict[int, list[str]]:
         gen = ctx.generator()

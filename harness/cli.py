@@ -129,6 +129,22 @@ def _bench(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    import polars as pl
+
+    from .runner import RunConfig, run_suite, summary
+
+    config = RunConfig(tasks=tuple(args.tasks or ()), methods=tuple(args.methods or ()), model=args.model,
+                       quick=args.quick, seed=args.seed, out=args.out)
+    start = time.perf_counter()
+    frame, _ = run_suite(config)
+    with pl.Config(tbl_rows=100, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=200):
+        print(summary(frame))
+    print(f"{len(frame)} records in {time.perf_counter() - start:.0f} s; written to {args.out}/"
+          f"{{results.parquet,config.json}}")
+    return 0
+
+
 def _methods(args) -> int:
     from .method import METHODS, VERBS, get_method
 
@@ -226,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
     b.add_argument("--json", action="store_true", help="print JSON")
     b.set_defaults(fn=_bench)
+    p = sub.add_parser("run", help="run the suite: every task with every applicable method")
+    p.add_argument("--tasks", nargs="+", help="task names (default: all)")
+    p.add_argument("--methods", nargs="+", help="method names or path.to.module:Class (default: all baselines)")
+    p.add_argument("--model", help="run the tasks on this model instead of their own")
+    p.add_argument("--quick", action="store_true", help="tiny models, fewer k, seeds and examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/latest", help="folder for results.parquet and config.json")
+    p.set_defaults(fn=_run)
     p = sub.add_parser("methods", help="list the registered methods and their verbs")
     p.set_defaults(fn=_methods)
     p = sub.add_parser("explain", help="run one method verb (relevance or stage_change) on a split")

@@ -8,6 +8,7 @@ collectors).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -73,8 +74,12 @@ class MethodContext:
     def index(self) -> NeuronIndex:
         return NeuronIndex.build({s: self.model.width(s) for s in self.sites})
 
-    def generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+    def generator(self, *salt: str) -> torch.Generator:
+        """A generator seeded by `seed` (and `salt`, e.g. to differ between stage pairs)."""
+        if not salt:
+            return torch.Generator().manual_seed(self.seed)
+        digest = hashlib.sha256(repr((self.seed, *salt)).encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
     def collect(self, stats: tuple[str, ...] = ("moments",), model: LoadedModel | None = None,
                 **options) -> Collection:

@@ -85,8 +85,14 @@ class RunEnv:
     _models: dict = field(default_factory=dict)
 
     def model(self, name: str) -> LoadedModel:
-        """Load (once per run) the model `name`."""
+        """Load (once per run) the model `name`, building its zoo entry first if it is missing."""
         if name not in self._models:
+            from . import zoo
+
+            base = name.partition("@")[0]
+            if base in {spec.name for spec in zoo.entries()}:
+                if zoo.get_spec(base).kind != "hub" and not zoo.status(base).built:
+                    zoo.build(base, progress=self.progress)
             self._models[name] = load_model(name)
         return self._models[name]
 

@@ -453,7 +453,7 @@ register_entry(
     ZooSpec("ptb-lm", "trajectory", None, TrajectoryHP(),
             "2-layer 128-wide GPT-2 trained from scratch on PTB; ptb-lm@STEP for its 10 checkpoints"),
     tiny=TrajectoryHP(n_embd=32, n_head=2, seq_len=16, batch_size=4, warmup_steps=2,
-                      checkpoints=(2, 4, 6), eval_tokens=512, train_lines=500))
+                      checkpoints=(1, 2, 3, 5, 8), eval_tokens=512, train_lines=500))
 register_entry(ZooSpec("pythia-70m", "hub", None, HubRef("EleutherAI/pythia-70m"),
                        "Pythia 70M; pythia-70m@stepN is its training checkpoint N"))
 register_entry(ZooSpec("bert-base-uncased", "hub", None, HubRef("bert-base-uncased"),

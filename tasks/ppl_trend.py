@@ -1,0 +1,104 @@
+"""`ppl-trend`: do a method's stage changes track perplexity improvement over training? (TX-Ray RQ1)
+
+The harness measures each checkpoint's perplexity on PTB valid; the method scores how much neuron
+knowledge changed between consecutive checkpoints from PTB train text (never the scoring text);
+the task correlates the two over the consecutive pairs.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neuronbench.harness.data import load, subsample
+from neuronbench.harness.method import Method, MethodContext, NotApplicable, call_verb
+from neuronbench.harness.metrics import kendall, spearman
+from neuronbench.harness.task import RunEnv, TaskSpec, record, register_task
+
+SPEC = TaskSpec(
+    name="ppl-trend", version=1, verb="stage_change", model="ptb-lm", data="ptb", sites="ffn",
+    headline="ppl-trend.spearman", no_skill=0.0,
+    params=(("valid_tokens", 50_000), ("seq_len", 64), ("method_lines", 1000), ("bootstrap", 1000)),
+    quick=(("model", "ptb-lm-tiny"), ("valid_tokens", 512), ("seq_len", 16), ("method_lines", 40),
+           ("bootstrap", 200)),
+    description="Spearman/Kendall of stage change vs log-perplexity improvement between checkpoints")
+
+
+def checkpoints(name: str) -> tuple[int, ...]:
+    from neuronbench.harness import zoo
+
+    return tuple(zoo.get_spec(name).hparams.checkpoints)
+
+
+@torch.no_grad()
+def chunk_losses(model, valid_ids: torch.Tensor, seq_len: int, batch_size: int = 64) -> torch.Tensor:
+    """Summed next-token loss of each `seq_len` block of the validation stream: (n_blocks,)."""
+    blocks = valid_ids[: len(valid_ids) // seq_len * seq_len].view(-1, seq_len)
+    out = []
+    for start in range(0, len(blocks), batch_size):
+        x = blocks[start:start + batch_size].to(model.device)
+        logits = model.model(input_ids=x).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+        out.append(loss.view(x.shape[0], -1).sum(1).cpu())
+    return torch.cat(out).double()
+
+
+def valid_stream(tokenizer, n_tokens: int) -> torch.Tensor:
+    """The first `n_tokens` of PTB valid, lines joined with <eos> (as the zoo measures it)."""
+    lines = load("ptb").splits["dev"]["text"]
+    ids: list[int] = []
+    for line in lines:
+        ids.extend(tokenizer.backend_tokenizer.encode(line, add_special_tokens=False).ids)
+        ids.append(tokenizer.eos_token_id)
+        if len(ids) >= n_tokens:
+            break
+    return torch.tensor(ids[:n_tokens])
+
+
+def _correlations(changes: np.ndarray, losses: np.ndarray, tokens_per_block: int, idx=None, pairs=None):
+    """Spearman and Kendall of stage change vs log-perplexity improvement (optionally resampled)."""
+    sel = losses if idx is None else losses[:, idx]
+    log_ppl = sel.sum(1) / (sel.shape[1] * tokens_per_block)
+    improvement = log_ppl[:-1] - log_ppl[1:]
+    x, y = (changes, improvement) if pairs is None else (changes[pairs], improvement[pairs])
+    return spearman(x, y), kendall(x, y)
+
+
+@register_task(SPEC)
+def score(spec: TaskSpec, method: Method, env: RunEnv) -> list:
+    steps = checkpoints(spec.model)
+    models = [env.model(f"{spec.model}@{s}") for s in steps]
+    corpus = load("ptb", seed=spec.split_seed)
+    text = subsample(corpus.splits["train"], spec.param("method_lines"), seed=spec.split_seed)
+    changes = []
+    for before, after in zip(models[:-1], models[1:]):
+        ctx = MethodContext(after, after.sites(spec.sites), text, f"{corpus.fingerprint}:train:{len(text)}",
+                            seed=env.seed, parent=before, cache=env.cache)
+        out = call_verb(method, "stage_change", ctx)
+        if isinstance(out, NotApplicable):
+            return [record(spec, method.name, "ppl-trend.not_applicable", None, env.seed, status="not_applicable")]
+        changes.append(float(out))
+    seq_len = spec.param("seq_len")
+    valid = valid_stream(models[0].tokenizer, spec.param("valid_tokens"))
+    losses = torch.stack([chunk_losses(m, valid, seq_len) for m in models]).numpy()  # (C, blocks)
+    changes_np = np.array(changes)
+    rho, tau = _correlations(changes_np, losses, seq_len - 1)
+    rng = np.random.default_rng(env.seed)
+    boot = [_correlations(changes_np, losses, seq_len - 1, rng.integers(0, losses.shape[1], losses.shape[1]),
+                          rng.integers(0, len(changes), len(changes))) for _ in range(spec.param("bootstrap"))]
+    out = []
+    for i, name in enumerate(("spearman", "kendall")):
+        vals = np.array([b[i] for b in boot])
+        vals = vals[np.isfinite(vals)]
+        lo, hi = (float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))) if len(vals) else (None, None)
+        value = (rho, tau)[i]
+        out.append(record(spec, method.name, f"ppl-trend.{name}", None if math.isnan(value) else value,
+                          env.seed, ci_low=lo, ci_high=hi, split="valid"))
+    log_ppl = losses.sum(1) / (losses.shape[1] * (seq_len - 1))
+    for step, change in zip(steps[1:], changes):
+        out.append(record(spec, method.name, "ppl-trend.stage_change", change, env.seed, k=float(step), split="train"))
+    for step, lp in zip(steps, log_ppl):
+        out.append(record(spec, method.name, "ppl-trend.valid_ppl", float(math.exp(lp)), env.seed, k=float(step), split="valid"))
+    return out
