@@ -86,9 +86,11 @@ class Features:
         # Read only the blocks that hold selected columns, then pick the columns in view order.
         owner = np.searchsorted(offsets, self.columns, side="right") - 1
         needed = np.unique(owner)
+        widths = np.asarray(self.widths)
+        start_in_read = np.zeros(len(widths), dtype=np.int64)
+        start_in_read[needed] = np.cumsum(widths[needed]) - widths[needed]
+        local = start_in_read[owner] + self.columns - offsets[owner]
         parts = [_read_block(self.blocks[i], rows, device) for i in needed]
-        stacked_offset = dict(zip(needed.tolist(), np.concatenate([[0], np.cumsum([self.widths[i] for i in needed])])))
-        local = np.array([stacked_offset[o] + c - offsets[o] for o, c in zip(owner.tolist(), self.columns.tolist())])
         block = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return block.index_select(1, torch.as_tensor(local, dtype=torch.long, device=device))
 
@@ -155,7 +157,8 @@ class ProbeRecipe:
         lr: Adam learning rate.
         batch_size: rows per Adam step. NeuroX uses 32; larger batches (e.g. 256) train faster
             on big matrices at the price of fewer steps, so keep epochs x rows / batch_size in mind.
-        seed: seeds the initial weights and the row order of every epoch.
+        seed: seeds the initial weights and the row order of every epoch (NeuroX reads the rows in
+            corpus order every epoch; shuffling avoids steps that see one long sentence's words only).
     """
 
     l1: float = 0.0
