@@ -83,6 +83,14 @@ class RunEnv:
     cache: Cache | None = None
     progress: bool = True
     _models: dict = field(default_factory=dict)
+    _memo: dict = field(default_factory=dict)
+
+    def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """`compute()` once per run for `key`: harness-side work every method shares (e.g. the
+        full model's scores), never a method's answer."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def model(self, name: str) -> LoadedModel:
         """Load (once per run) the model `name`, building its zoo entry first if it is missing."""

@@ -81,8 +81,11 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list:
             return [record(spec, method.name, "ppl-trend.not_applicable", None, env.seed, status="not_applicable")]
         changes.append(float(out))
     seq_len = spec.param("seq_len")
-    valid = valid_stream(models[0].tokenizer, spec.param("valid_tokens"))
-    losses = torch.stack([chunk_losses(m, valid, seq_len) for m in models]).numpy()  # (C, blocks)
+    def measure():
+        valid = valid_stream(models[0].tokenizer, spec.param("valid_tokens"))
+        return torch.stack([chunk_losses(m, valid, seq_len) for m in models]).numpy()  # (C, blocks)
+
+    losses = env.memo(("ppl-trend", spec.fingerprint()), measure)
     changes_np = np.array(changes)
     rho, tau = _correlations(changes_np, losses, seq_len - 1)
     rng = np.random.default_rng(env.seed)
