@@ -17,10 +17,18 @@ from .models import LoadedModel
 from .sites import Site
 
 
+class NoObjectiveError(ValueError, NotImplementedError):
+    """A gradient method was asked about a model without a task head.
+
+    A ValueError (the model is the wrong input for the method) and a NotImplementedError, which the
+    suite runner records as "not applicable" rather than as a failure.
+    """
+
+
 def require_task_head(model: LoadedModel, method: str = "this method") -> None:
-    """Raise ValueError when `model` has no task head (a `base` model) to differentiate."""
+    """Raise NoObjectiveError when `model` has no task head (a `base` model) to differentiate."""
     if model.kind not in ("classifier", "causal-lm"):
-        raise ValueError(
+        raise NoObjectiveError(
             f"{method} is not applicable to model {model.name!r} of kind {model.kind!r}: it needs a "
             "task head (kind 'classifier' or 'causal-lm') to define an objective; load the model "
             "with kind='classifier' or kind='causal-lm'")
