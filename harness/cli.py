@@ -100,15 +100,9 @@ def _collect(args) -> int:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+    from .records import package_versions
 
-    out = {}
-    for pkg in ("neuronbench", "torch", "transformers", "datasets", "tokenizers", "numpy", "numba", "polars"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return package_versions()
 
 
 def _bench(args) -> int:

@@ -54,9 +54,13 @@ def to_frame(records: list[Record], run_id: str) -> pl.DataFrame:
     return pl.DataFrame([r.row(run_id) for r in records], schema=SCHEMA)
 
 
-def package_versions() -> dict[str, str | None]:
+PACKAGES = ("neuronbench", "torch", "transformers", "datasets", "tokenizers", "numpy", "numba", "polars")
+
+
+def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    """Installed version of each package (None when absent), for records and manifests."""
     out = {}
-    for pkg in ("neuronbench", "torch", "transformers", "datasets", "tokenizers", "numpy", "numba", "polars"):
+    for pkg in packages:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

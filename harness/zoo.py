@@ -284,15 +284,9 @@ def _file_sizes(folder: Path) -> dict[str, int]:
 
 
 def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
+    from .records import package_versions
 
-    out: dict[str, str | None] = {}
-    for pkg in _PACKAGES:
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return package_versions(_PACKAGES)
 
 
 def _manifest(spec: ZooSpec, result: zoo_train.BuildResult, files: dict, wall: float) -> Manifest:
