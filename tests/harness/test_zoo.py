@@ -61,7 +61,7 @@ def test_trajectory_checkpoints_load_by_name_and_give_logits(in_built_home):
         logits = lm.model(**enc).logits
         assert logits.shape == (1, 6, len(lm.tokenizer)) and torch.isfinite(logits).all()
     assert zoo.resolve_zoo("ptb-lm-tiny") == zoo.resolve_zoo(f"ptb-lm-tiny@{steps[-1]}")
-    assert zoo.resolve_zoo("ptb-lm-tiny@step4") == zoo.resolve_zoo("ptb-lm-tiny@4")
+    assert zoo.resolve_zoo("ptb-lm-tiny@step5") == zoo.resolve_zoo("ptb-lm-tiny@5")
     assert models.load_model("minilm-polarity-tiny", device="cpu").kind == "classifier"
 
 
@@ -129,7 +129,7 @@ def test_killed_build_leaves_nothing_that_looks_complete(fresh_home, monkeypatch
 @pytest.mark.parametrize("damage", ["truncate-weights", "delete-weights", "no-manifest", "bad-manifest"])
 def test_corrupt_entry_is_detected_and_rebuilt(fresh_home, damage):
     first = zoo.build("ptb-lm-tiny", progress=False)
-    weights = zoo_train.step_dir(first.path, 4) / "model.safetensors"
+    weights = zoo_train.step_dir(first.path, 5) / "model.safetensors"
     manifest = first.path / zoo.MANIFEST
     if damage == "truncate-weights":
         weights.write_bytes(weights.read_bytes()[:100])
@@ -143,7 +143,7 @@ def test_corrupt_entry_is_detected_and_rebuilt(fresh_home, damage):
     row = next(r for r in zoo.ls_json() if r["name"] == "ptb-lm-tiny")
     assert row["state"] == "corrupt" and not row["built"]
     with pytest.raises(FileNotFoundError, match="corrupt"):
-        zoo.resolve_zoo("ptb-lm-tiny@4")
+        zoo.resolve_zoo("ptb-lm-tiny@5")
     rebuilt = zoo.build("ptb-lm-tiny", progress=False)
     assert not rebuilt.cached and zoo.status("ptb-lm-tiny").built
     # Same seed, same machine: the same numbers.
@@ -161,8 +161,8 @@ def test_unknown_names_get_did_you_mean(in_built_home):
         zoo.build("ptb-lmm")
     with pytest.raises(KeyError, match="did you mean 'minilm-polarity'"):
         zoo.status("minilm-polarty")
-    with pytest.raises(KeyError, match="did you mean ptb-lm-tiny@4"):
-        zoo.resolve_zoo("ptb-lm-tiny@5")
+    with pytest.raises(KeyError, match="did you mean ptb-lm-tiny@5"):
+        zoo.resolve_zoo("ptb-lm-tiny@6")
     assert zoo.resolve_zoo("not-a-zoo-name") is None
 
 
