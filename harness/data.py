@@ -14,6 +14,7 @@ from typing import Callable, Literal, Mapping, Sequence
 
 import datasets
 import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -280,3 +281,19 @@ def _fingerprint(spec: DataSpec, seed: int, ids: Mapping[str, np.ndarray]) -> st
 # datasets. The names are re-exported so `neuronbench.harness.data` stays the one entry point.
 from .datafiles import _SUFFIX_FORMATS, FORMATS, load_file, read_tagged  # noqa: E402, F401
 from .corpora import POLARITY_FILE, WSJ_FILE, corpora_dir, fetch_corpora  # noqa: E402, F401
+
+
+def descriptor_matrix(data, vocabulary: tuple[str, ...]) -> torch.Tensor:
+    """(W, V) bool: word w (dataset order) carries descriptor v. Unknown descriptors are ignored."""
+    if "word_descriptors" not in data.column_names:
+        raise ValueError(f"descriptors need a `word_descriptors` column; the data has {data.column_names}")
+    col = {d: i for i, d in enumerate(vocabulary)}
+    rows = []
+    for i, (words, descs) in enumerate(zip(data["words"], data["word_descriptors"])):
+        if len(words) != len(descs):
+            raise ValueError(f"example {i} has {len(words)} words but {len(descs)} descriptor lists")
+        rows.extend(descs)
+    out = torch.zeros(len(rows), len(vocabulary), dtype=torch.bool)
+    for w, descs in enumerate(rows):
+        out[w, [col[d] for d in descs if d in col]] = True
+    return out

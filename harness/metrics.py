@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import torch
 
 
 def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, n_boot: int = 1000, seed: int = 0,
@@ -68,3 +69,57 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
         return float("nan")
     ranks = _ranks(np.asarray(scores, float)) + 1
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks along the last axis, tied values sharing their average rank (float64).
+
+    The same as `scipy.stats.rankdata(x, method="average", axis=-1)`, vectorised over rows.
+    """
+    vals, order = x.sort(dim=-1)
+    n = x.shape[-1]
+    pos = torch.arange(n, device=x.device).expand_as(vals)
+    starts = torch.ones_like(vals, dtype=torch.bool)
+    starts[..., 1:] = vals[..., 1:] != vals[..., :-1]
+    ends = torch.ones_like(vals, dtype=torch.bool)
+    ends[..., :-1] = starts[..., 1:]
+    # A tie group spans [first, last]: the latest start at or before i, the earliest end at or after i.
+    first = torch.where(starts, pos, 0).cummax(-1).values
+    last = torch.where(ends, pos, n - 1).flip(-1).cummin(-1).values.flip(-1)
+    avg = (first + last).double() / 2 + 1
+    return torch.empty_like(avg).scatter_(-1, order, avg)
+
+
+def auroc_matrix(scores: np.ndarray | torch.Tensor, labels: torch.Tensor, chunk_elems: int = 1 << 22,
+          device: torch.device | str = "cpu") -> torch.Tensor:
+    """AUROC of every score column at separating the positives of every label column.
+
+    AUROC = P(score of a positive > score of a negative) + P(tie) / 2, computed as the
+    Mann-Whitney U from average ranks: all neurons and labels at once, neurons in chunks.
+
+    Args:
+        scores: (W, N) scores (activations), numpy or torch, any float dtype.
+        labels: (W, V) bool, True where label v holds for row w.
+        chunk_elems: rows x neurons ranked at once (bounds memory).
+        device: where to rank.
+
+    Returns:
+        (V, N) float64; NaN for a label with no positive or no negative row.
+    """
+    W, N = scores.shape
+    if labels.shape[0] != W:
+        raise ValueError(f"scores have {W} rows but labels have {labels.shape[0]}; they must align")
+    y = labels.to(device=device, dtype=torch.float64)
+    pos = y.sum(0)  # (V,)
+    neg = W - pos
+    chunk = max(1, chunk_elems // max(W, 1))
+    out = []
+    for a in range(0, N, chunk):
+        block = scores[:, a:a + chunk]
+        block = torch.as_tensor(np.asarray(block, dtype=np.float32)) if isinstance(block, np.ndarray) else block
+        ranks = average_ranks(block.to(device=device, dtype=torch.float32).T)  # (C, W)
+        u = ranks @ y - pos * (pos + 1) / 2  # (C, V) rank sum of the positives, minus its minimum
+        out.append((u / (pos * neg)).T)
+    result = torch.cat(out, 1) if out else torch.zeros(labels.shape[1], 0, dtype=torch.float64, device=device)
+    result[(pos == 0) | (neg == 0)] = float("nan")
+    return result.cpu()
