@@ -1,0 +1,265 @@
+"""`prune`: ablate the FFN neurons a method ranks most (and least) relevant in the fine-tuned
+polarity classifier, and measure how much more test accuracy drops than for random neurons.
+
+The method sees the train split and both stages (`minilm-polarity` and its parent `minilm`); the
+harness scores on the test split only, all masks of a run batched into one `evaluate_masks` sweep.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from neuronbench.harness.activations import collect_cached
+from neuronbench.harness.collect import CollectConfig
+from neuronbench.harness.data import load, subsample
+from neuronbench.harness.intervene import ABLATION_MODES, MaskSet, evaluate_masks, gold_label_scores
+from neuronbench.harness.method import Method, MethodContext, NotApplicable, call_verb
+from neuronbench.harness.metrics import bootstrap_ci
+from neuronbench.harness.models import LoadedModel
+from neuronbench.harness.records import Record
+from neuronbench.harness.sites import NeuronIndex, Site
+from neuronbench.harness.task import RunEnv, TaskSpec, record, register_task
+
+log = logging.getLogger(__name__)
+
+# The tiny classifier is a random tiny BERT fine-tuned from scratch: it has no pre-trained parent
+# to load, so --quick hands the child itself to the method as its parent (a stage-comparing method
+# then sees no change; the quick run checks plumbing, not skill). n_test: a mask costs a forward
+# pass per sentence (~6 ms for MiniLM on 2 CPU cores), and the ~190 masks of a run over all 400
+# test sentences took ~8 min a method; a fixed 200-sentence subset halves that.
+SPEC = TaskSpec(
+    name="prune", version=1, verb="relevance", model="minilm-polarity", parent="minilm",
+    data="polarity", sites="ffn", headline="prune.gap_auc", no_skill=0.0,
+    params=(("ks", (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)), ("random_seeds", 10), ("ablation", "mean"),
+            ("n_test", 200), ("bootstrap", 1000)),
+    quick=(("model", "minilm-polarity-tiny"), ("parent", "minilm-polarity-tiny"), ("ks", (0.05, 0.2)),
+           ("random_seeds", 3), ("n_test", 64), ("bootstrap", 200)),
+    description="test-accuracy drop from ablating a method's top-k FFN neurons minus layer-matched random-k")
+
+TOP, BOTTOM = "top", "bottom"
+RANDOM_UNIFORM, RANDOM_MATCHED = "random_uniform", "random_matched"
+RANDOM_MATCHED_BOTTOM = "random_matched_bottom"
+CONDITIONS = (TOP, BOTTOM, RANDOM_UNIFORM, RANDOM_MATCHED, RANDOM_MATCHED_BOTTOM)
+# Padded tokens per forward pass, copies included. On 2 CPU cores 4k-16k run at the bare forward
+# pass's speed (the masks cost nothing measurable); 64k is slower.
+EVAL_MAX_TOKENS = 8192
+# Stream tags, so that tie-breaking and random sets never share a generator with each other.
+_TIE_STREAM, _RANDOM_STREAM, _BOOT_STREAM = 0, 1, 2
+
+
+def set_size(k: float, n_neurons: int) -> int:
+    """Neurons in a k-set: round(k * n), at least 1."""
+    if not 0 < k <= 1:
+        raise ValueError(f"prune fraction k={k!r} must be in (0, 1], e.g. 0.05 for 5% of the neurons")
+    return max(1, round(k * n_neurons))
+
+
+def rank_neurons(scores: torch.Tensor, seed: int) -> np.ndarray:
+    """Flat neuron ids, most relevant first; ties are broken by a seeded random permutation (so a
+    method with constant scores does not get the first layer's neurons as its top set)."""
+    values = scores.detach().double().cpu().numpy()
+    tie = np.random.default_rng([seed, _TIE_STREAM]).permutation(len(values))
+    return tie[np.argsort(-values[tie], kind="stable")]
+
+
+def site_orders(index: NeuronIndex, perm: np.ndarray) -> dict[Site, np.ndarray]:
+    """Each site's local neuron ids in the order they appear in `perm` (a permutation of all
+    flat ids): a uniform random order within every site when `perm` is uniform."""
+    site_of = np.repeat(np.arange(len(index.sites)), index.widths)
+    return {s: perm[site_of[perm] == j] - index.offset(s) for j, s in enumerate(index.sites)}
+
+
+def matched_random(index: NeuronIndex, chosen: np.ndarray, orders: dict[Site, np.ndarray]) -> np.ndarray:
+    """Random neurons with exactly as many per site as `chosen`: the first ones of each site's
+    random order (so the sets of one seed are nested as k grows, like top-k sets are)."""
+    counts = {s: len(local) for s, local in index.split(torch.as_tensor(chosen, dtype=torch.int64)).items()}
+    parts = [index.offset(s) + orders[s][:c] for s, c in counts.items()]
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+
+@dataclass
+class PrunePlan:
+    """The neuron sets of one run. `sets[0]` ablates nothing (the full model); `rows[(condition,
+    k)]` lists the sets of that condition and k (one for top/bottom, one per seed for random)."""
+
+    sets: list[np.ndarray] = field(default_factory=lambda: [np.zeros(0, np.int64)])
+    rows: dict[tuple[str, float], list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._ids = {s.tobytes(): i for i, s in enumerate(self.sets)}
+
+    def add(self, condition: str, k: float, flat: np.ndarray) -> None:
+        flat = np.sort(flat).astype(np.int64)
+        if flat.tobytes() not in self._ids:  # identical sets (e.g. equal per-site counts) run once
+            self._ids[flat.tobytes()] = len(self.sets)
+            self.sets.append(flat)
+        self.rows.setdefault((condition, k), []).append(self._ids[flat.tobytes()])
+
+
+def build_plan(index: NeuronIndex, scores: torch.Tensor, ks, n_seeds: int, seed: int) -> PrunePlan:
+    """Top-k, bottom-k and random-k sets for every k.
+
+    Random seed i draws one uniform permutation of all neurons from a generator seeded by
+    (seed + i); `random_uniform` takes its first n, and the sets matched to the top-k's
+    (`random_matched`) or the bottom-k's (`random_matched_bottom`) per-site counts take the first
+    neurons of each site in the same permutation. Within a site that is still a uniform draw, but
+    the three conditions of a seed share their neurons as far as the counts allow (equal counts
+    give the same set, evaluated once), so their differences reflect the per-layer counts rather
+    than which rare, very harmful neurons each happened to draw. The sets of a seed are nested in k.
+    """
+    order = rank_neurons(scores, seed)
+    plan = PrunePlan()
+    uniform = [np.random.default_rng([seed + i, _RANDOM_STREAM]).permutation(index.size)
+               for i in range(n_seeds)]
+    orders = [site_orders(index, perm) for perm in uniform]
+    for k in ks:
+        n = set_size(k, index.size)
+        top, bottom = order[:n], order[len(order) - n:]
+        plan.add(TOP, k, top)
+        plan.add(BOTTOM, k, bottom)
+        for i in range(n_seeds):
+            plan.add(RANDOM_UNIFORM, k, uniform[i][:n])
+            plan.add(RANDOM_MATCHED, k, matched_random(index, top, orders[i]))
+            plan.add(RANDOM_MATCHED_BOTTOM, k, matched_random(index, bottom, orders[i]))
+    return plan
+
+
+def train_means(model: LoadedModel, train, data_id: str, sites, cache,
+                label_names: tuple[str, ...] | None = None) -> dict[Site, torch.Tensor]:
+    """Per-neuron mean activation over the train split's word tokens.
+
+    Special tokens are left out (the collectors' default): some FFN neurons are silent on words
+    and fire only on [CLS]/[SEP], and a mean pooled over both would write a large value into every
+    word position, which breaks the model for reasons that have nothing to do with the neuron's role.
+    The configuration is the one `MethodContext.collect` uses, so a method's moments are reused.
+    """
+    cfg = CollectConfig(sites=tuple(sites), stats=("moments",))
+    col, _ = collect_cached(model, train, cfg, data_id=data_id, label_names=label_names, cache=cache,
+                            progress=False)
+    return {s: col[s].moments.mean for s in sites}
+
+
+def evaluate_plan(model: LoadedModel, test, index: NeuronIndex, plan: PrunePlan, mode: str,
+                  means: dict[Site, torch.Tensor] | None) -> np.ndarray:
+    """(n_sets, n_test, 2): [correct, log p(gold)] of every test example under every set."""
+    neuron_sets = [index.split(torch.as_tensor(s, dtype=torch.int64)) for s in plan.sets]
+    masks = MaskSet.from_sets(model, neuron_sets)
+    labels = torch.tensor(test["label"])
+    model.model.eval()  # a method may have left dropout on
+    scores = evaluate_masks(model, test, masks, lambda out, batch: gold_label_scores(out, batch, labels),
+                            mode=mode, means=means, max_tokens=EVAL_MAX_TOKENS)
+    return scores.double().numpy()
+
+
+class _Bootstrap:
+    """Paired percentile intervals that resample test examples and, for random conditions, seeds.
+
+    Each replicate draws test examples (through `metrics.bootstrap_ci`, seeded by `seed`) and, from
+    a generator restarted for every statistic, random-set seeds: every statistic sees the same
+    replicates, so intervals of differences stay paired. Resampling seeds matters: a few FFN
+    neurons break the classifier when ablated, and whether a random set holds one varies more
+    from seed to seed than the test examples do.
+    """
+
+    def __init__(self, n_examples: int, n_seeds: int, n_boot: int, seed: int):
+        self.n, self.n_seeds, self.n_boot, self.seed = n_examples, n_seeds, n_boot, seed
+
+    def ci(self, per_seed: np.ndarray, den: np.ndarray | None = None) -> tuple[float, float, float]:
+        """(value, low, high) of mean(per_seed) [/ mean(den)]; per_seed is (S, n), S = 1 or n_seeds."""
+        seeds = np.random.default_rng([self.seed, _BOOT_STREAM])
+
+        def stat(ex: np.ndarray) -> float:
+            draw = seeds.integers(0, self.n_seeds, self.n_seeds)
+            rows = per_seed[draw] if len(per_seed) > 1 else per_seed
+            num = rows[:, ex].mean()
+            return num if den is None else num / den[ex].mean()
+
+        value = per_seed.mean() if den is None else per_seed.mean() / den.mean()
+        return (float(value), *bootstrap_ci(stat, self.n, self.n_boot, self.seed))
+
+
+def summarise(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, scores: np.ndarray,
+              n_boot: int, n_neurons: int) -> list[Record]:
+    """Drop curves per k, `gap_auc`, `bottom_gap` and the full model's accuracy, each with a
+    bootstrap interval (see `_Bootstrap`).
+
+    A drop is the full model's value minus the ablated one (accuracy, or mean log-probability of
+    the gold label); a random condition's value is the mean over its seeds. Per k,
+    gap = (drop of top-k - mean drop of random-k matched to the top-k's per-layer counts) / full
+    accuracy, and bottom gap = (mean drop of random-k matched to the bottom-k's per-layer counts -
+    drop of bottom-k) / full accuracy: both are 0 for chance and higher for a better ranking (top
+    neurons matter more than random ones of their layers; bottom neurons matter less). `gap_auc`
+    and `bottom_gap` are their means over the ks (equal weights); `loglik_gap_auc` and
+    `loglik_bottom_gap` are the same in mean log-likelihood of the gold label (nats, not
+    normalised), finer-grained than accuracy where few predictions flip.
+    """
+    full = scores[0]  # (n, 2): [correct, log p(gold)] of the unablated model
+    ks = sorted({k for _, k in plan.rows})
+    n_seeds = len(plan.rows[(RANDOM_UNIFORM, ks[0])])
+    boot = _Bootstrap(full.shape[0], n_seeds, n_boot, seed)
+
+    def rec(metric: str, per_seed: np.ndarray, k: float | None = None,
+            den: np.ndarray | None = None) -> Record:
+        value, low, high = boot.ci(np.atleast_2d(per_seed), den)
+        return record(spec, method, metric, value, seed, k=k, ci_low=low, ci_high=high)
+
+    out = [rec("prune.full_accuracy", full[:, 0]), rec("prune.full_loglik", full[:, 1])]
+    gaps = np.zeros((4, n_seeds, full.shape[0]))  # gap, bottom gap; then both in log-likelihood
+    for k in ks:
+        cond = {c: scores[plan.rows[(c, k)]] for c in CONDITIONS}  # (S, n, 2); S = 1 for top/bottom
+        out.append(record(spec, method, "prune.set_size", float(set_size(k, n_neurons)), seed, k=k))
+        for c in CONDITIONS:
+            out.append(rec(f"prune.acc_drop.{c}", full[None, :, 0] - cond[c][..., 0], k))
+            out.append(rec(f"prune.loglik_drop.{c}", full[None, :, 1] - cond[c][..., 1], k))
+        gap = cond[RANDOM_MATCHED] - cond[TOP]  # (S, n, 2): drop(top) - drop(random)
+        bottom = cond[BOTTOM] - cond[RANDOM_MATCHED_BOTTOM]  # drop(random) - drop(bottom)
+        out.append(rec("prune.gap_at_k", gap[..., 0], k, full[:, 0]))
+        out.append(rec("prune.bottom_gap_at_k", bottom[..., 0], k, full[:, 0]))
+        gaps += np.stack([gap[..., 0], bottom[..., 0], gap[..., 1], bottom[..., 1]]) / len(ks)
+    out.append(rec(spec.headline, gaps[0], den=full[:, 0]))
+    out.append(rec("prune.bottom_gap", gaps[1], den=full[:, 0]))
+    out.append(rec("prune.loglik_gap_auc", gaps[2]))
+    out.append(rec("prune.loglik_bottom_gap", gaps[3]))
+    return out
+
+
+def _params(spec: TaskSpec) -> tuple[tuple[float, ...], int, str, int | None, int]:
+    ks = tuple(float(k) for k in spec.param("ks"))
+    for k in ks:
+        set_size(k, 1)
+    n_seeds, mode, n_test, n_boot = (spec.param(p) for p in
+                                     ("random_seeds", "ablation", "n_test", "bootstrap"))
+    if mode not in ABLATION_MODES:
+        raise ValueError(f"prune: ablation={mode!r}; use one of {ABLATION_MODES}")
+    if not isinstance(n_seeds, int) or n_seeds < 1:
+        raise ValueError(f"prune: random_seeds={n_seeds!r} must be a positive integer")
+    return ks, n_seeds, mode, n_test, int(n_boot)
+
+
+@register_task(SPEC)
+def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
+    """Rank the FFN neurons with `method.relevance` (train split), ablate top/bottom/random k-sets
+    of the classifier, and score accuracy and gold log-likelihood on the test split."""
+    ks, n_seeds, mode, n_test, n_boot = _params(spec)
+    corpus = load(spec.data, spec.split_seed)
+    child = env.model(spec.model)
+    parent = env.model(spec.parent) if spec.parent else None
+    train, data_id = corpus.splits["train"], f"{corpus.fingerprint}:train"
+    ctx = MethodContext(model=child, sites=child.sites(spec.sites), data=train, data_id=data_id,
+                        seed=env.seed, label_names=corpus.label_names, parent=parent, cache=env.cache)
+    answer = call_verb(method, spec.verb, ctx)
+    if isinstance(answer, NotApplicable):
+        log.info("%s", answer)
+        return [record(spec, method.name, "prune.not_applicable", None, env.seed, status="not_applicable")]
+    test = corpus.splits["test"]
+    if n_test is not None:  # a fixed subset (split seed), the same for every method and run seed
+        test = subsample(test, n_test, spec.split_seed)
+    plan = build_plan(ctx.index, answer.overall(), ks, n_seeds, env.seed)
+    means = None
+    if mode == "mean":
+        means = train_means(child, train, data_id, ctx.sites, env.cache, corpus.label_names)
+    scores = evaluate_plan(child, test, ctx.index, plan, mode, means)
+    return summarise(spec, method.name, env.seed, plan, scores, n_boot, ctx.index.size)
