@@ -441,7 +441,7 @@ def zoo_cli(args: argparse.Namespace) -> int:
 register_entry(
     ZooSpec("minilm-polarity", "classifier", "minilm", ClassifierHP(),
             "all-MiniLM-L6-v2 fully fine-tuned on the Pang & Lee polarity sentences"),
-    tiny=ClassifierHP(init="tiny-bert", lr=1e-3, batch_size=16, max_length=32, epochs=2, limit=64,
+    tiny=ClassifierHP(init="tiny-bert", lr=3e-3, batch_size=32, max_length=32, epochs=3, limit=None,
                       probe_l2=(1e-2,)))
 register_entry(
     ZooSpec("ptb-lm", "trajectory", None, TrajectoryHP(),
