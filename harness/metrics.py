@@ -27,11 +27,7 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, n_boot: int =
 
 def _ranks(x: np.ndarray) -> np.ndarray:
     """Average ranks (ties share the mean rank)."""
-    order = np.argsort(x, kind="stable")
-    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat(first + (counts - 1) / 2, counts)
-    return ranks
+    return average_ranks(torch.as_tensor(np.asarray(x, float))).numpy() - 1
 
 
 def spearman(x, y) -> float:

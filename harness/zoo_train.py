@@ -319,7 +319,7 @@ def word_tokenizer(lines: list[str], max_length: int, bert: bool = False, max_wo
     return prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **names))
 
 
-def _stream(tokenizer, lines: list[str]) -> torch.Tensor:
+def token_stream(tokenizer, lines: list[str]) -> torch.Tensor:
     """All lines' token ids, each line followed by <eos>, as one 1-D tensor."""
     eos = tokenizer.eos_token_id
     # The backend, not `tokenizer(...)`: lines longer than model_max_length are fine in a stream.
@@ -340,9 +340,9 @@ def build_trajectory(hp: TrajectoryHP, out: Path, progress: bool = True) -> Buil
         raise ValueError(f"trajectory data {hp.data!r} is of kind {corpus.kind!r}, not 'lm'")
     lines = corpus.texts("train")[: hp.train_lines]
     tokenizer = word_tokenizer(lines, hp.seq_len)
-    train = _stream(tokenizer, lines)
+    train = token_stream(tokenizer, lines)
     chunks_NL = train[: len(train) // hp.seq_len * hp.seq_len].view(-1, hp.seq_len)
-    valid = _stream(tokenizer, corpus.texts("dev"))[: hp.eval_tokens]
+    valid = token_stream(tokenizer, corpus.texts("dev"))[: hp.eval_tokens]
     torch.manual_seed(hp.seed)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=hp.seq_len, n_embd=hp.n_embd,
                         n_layer=hp.n_layer, n_head=hp.n_head, bos_token_id=tokenizer.eos_token_id,
@@ -356,7 +356,7 @@ def build_trajectory(hp: TrajectoryHP, out: Path, progress: bool = True) -> Buil
     model.train()
     for step in tqdm(range(1, steps + 1), desc="train LM", unit="step", disable=not progress):
         x = chunks_NL[order[step - 1]].to(device)
-        loss = _lm_loss(model, x, "mean")
+        loss = lm_loss(model, x, "mean")
         _step(model, opt, sched, loss, hp.max_grad_norm)
         losses.append(loss.item())
         if step in hp.checkpoints:
@@ -408,12 +408,12 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, device, batch_size: int =
     total, count = 0.0, 0
     for s in range(0, len(blocks_NL), batch_size):
         x = blocks_NL[s:s + batch_size].to(device)
-        total += _lm_loss(model, x, "sum").item()
+        total += lm_loss(model, x, "sum").item()
         count += x[:, 1:].numel()
     return math.exp(total / count)
 
 
-def _lm_loss(model, x_BL: torch.Tensor, reduction: str) -> torch.Tensor:
+def lm_loss(model, x_BL: torch.Tensor, reduction: str) -> torch.Tensor:
     """Next-token cross-entropy of every position but the last."""
     logits_BLV = model(input_ids=x_BL).logits[:, :-1].float()
     return F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), x_BL[:, 1:].reshape(-1),

@@ -10,12 +10,12 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from neuronbench.harness.data import load, subsample
 from neuronbench.harness.method import Method, MethodContext, NotApplicable, call_verb
 from neuronbench.harness.metrics import kendall, spearman
 from neuronbench.harness.task import RunEnv, TaskSpec, record, register_task
+from neuronbench.harness.zoo_train import lm_loss, token_stream
 
 SPEC = TaskSpec(
     name="ppl-trend", version=1, verb="stage_change", model="ptb-lm", data="ptb", sites="ffn",
@@ -39,22 +39,13 @@ def chunk_losses(model, valid_ids: torch.Tensor, seq_len: int, batch_size: int =
     out = []
     for start in range(0, len(blocks), batch_size):
         x = blocks[start:start + batch_size].to(model.device)
-        logits = model.model(input_ids=x).logits[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
-        out.append(loss.view(x.shape[0], -1).sum(1).cpu())
+        out.append(lm_loss(model.model, x, "none").view(x.shape[0], -1).sum(1).cpu())
     return torch.cat(out).double()
 
 
 def valid_stream(tokenizer, n_tokens: int) -> torch.Tensor:
     """The first `n_tokens` of PTB valid, lines joined with <eos> (as the zoo measures it)."""
-    lines = load("ptb").splits["dev"]["text"]
-    ids: list[int] = []
-    for line in lines:
-        ids.extend(tokenizer.backend_tokenizer.encode(line, add_special_tokens=False).ids)
-        ids.append(tokenizer.eos_token_id)
-        if len(ids) >= n_tokens:
-            break
-    return torch.tensor(ids[:n_tokens])
+    return token_stream(tokenizer, list(load("ptb").splits["dev"]["text"]))[:n_tokens]
 
 
 def _correlations(changes: np.ndarray, losses: np.ndarray, tokens_per_block: int, idx=None, pairs=None):
