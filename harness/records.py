@@ -25,7 +25,8 @@ RESULTS, CONFIG = "results.parquet", "config.json"
 
 @dataclass(frozen=True)
 class Record:
-    """One measured value. `k` is None where no k applies; `ci_*` None without an interval."""
+    """One measured value. `k` is None where no k applies; `ci_*` None without an interval;
+    `split` is the scoring split (`public` or `hidden`, see `RunEnv.scoring_rows`)."""
 
     task: str
     task_version: int
@@ -38,7 +39,7 @@ class Record:
     k: float | None = None
     ci_low: float | None = None
     ci_high: float | None = None
-    split: str = "test"
+    split: str = "public"
     status: str = "ok"
 
     def row(self, run_id: str) -> dict:

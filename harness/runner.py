@@ -28,6 +28,8 @@ class RunConfig:
         quick: apply each task's `--quick` overrides (tiny models, fewer k, seeds and examples).
         seed: the run's seed (method randomness, random neuron sets, bootstrap).
         out: folder for results.parquet and config.json, or None.
+        split: which scoring examples: `public` (fixed by each spec) or `hidden` (drawn with the
+            scorer's secret seed, passed to `run_suite` and never written anywhere).
     """
 
     tasks: tuple[str, ...] = ()
@@ -36,6 +38,7 @@ class RunConfig:
     quick: bool = False
     seed: int = 0
     out: str | None = None
+    split: str = "public"
 
 
 def resolve_spec(task: Task, config: RunConfig) -> TaskSpec:
@@ -54,13 +57,21 @@ def _one(task: Task, spec: TaskSpec, method: Method, env: RunEnv) -> list[Record
         return [record(spec, method.name, f"{spec.name}.not_applicable", None, env.seed, status="not_applicable")]
 
 
-def run_suite(config: RunConfig, progress: bool = True) -> tuple[pl.DataFrame, dict]:
-    """Run the suite; returns the long-format records and the run's config record."""
+def run_suite(config: RunConfig, progress: bool = True,
+              hidden_seed: int | None = None) -> tuple[pl.DataFrame, dict]:
+    """Run the suite; returns the long-format records and the run's config record.
+
+    Args:
+        config: what to run.
+        progress: print a line per task and method.
+        hidden_seed: the scorer's secret seed, needed for `config.split == "hidden"`.
+    """
     task_names = config.tasks or tuple(TASKS.names())
     method_names = config.methods or tuple(METHODS.names())
     tasks = [TASKS.get(n) for n in task_names]  # unknown names fail here, before any work
     methods = [get_method(n) for n in method_names]
-    env = RunEnv(seed=config.seed, quick=config.quick, cache=Cache(), progress=progress)
+    env = RunEnv(seed=config.seed, quick=config.quick, cache=Cache(), progress=progress,
+                 split=config.split, hidden_seed=hidden_seed)
     run_id = uuid.uuid4().hex[:12]
     records: list[Record] = []
     timings = {}
@@ -70,7 +81,7 @@ def run_suite(config: RunConfig, progress: bool = True) -> tuple[pl.DataFrame, d
             start = time.perf_counter()
             if progress:
                 print(f"[{task.spec.name}] {method.name} ...", flush=True)
-            records.extend(_one(task, spec, method, env))
+            records.extend(replace(r, split=env.split) for r in _one(task, spec, method, env))
             timings[f"{spec.name}/{method.name}"] = round(time.perf_counter() - start, 2)
     specs = {t.spec.name: asdict(resolve_spec(t, config)) for t in tasks}
     record_config = {"run_id": run_id, "config": asdict(config), "tasks": specs,

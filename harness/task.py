@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
+import numpy as np
+
 from .cache import Cache
 from .method import VERBS, Method
 from .models import LoadedModel, load_model
@@ -82,8 +84,41 @@ class RunEnv:
     quick: bool = False
     cache: Cache | None = None
     progress: bool = True
+    split: str = "public"
+    hidden_seed: int | None = None
     _models: dict = field(default_factory=dict)
     _memo: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"scoring split {self.split!r}: use one of {SPLITS}")
+        if self.split == "hidden" and self.hidden_seed is None:
+            raise ValueError("the hidden split needs the scorer's secret seed: pass --hidden-seed-file FILE "
+                             f"or set {HIDDEN_SEED_ENV}")
+
+    def scoring_rows(self, pool_size: int, n: int | None, split_seed: int) -> np.ndarray:
+        """Row ids (sorted) of the examples a task scores on, out of a pool of `pool_size`.
+
+        `public`: the first `n` of a permutation seeded by the spec's `split_seed` (all of the pool
+        when `n` is None or covers it), the same examples in every run. `hidden`: `n` examples
+        drawn with the scorer's secret seed from the rest of the pool, so a submitter who tuned on
+        the public examples never saw them (all of the rest when it is smaller than `n`); when the
+        public split takes the whole pool, a random half of the pool drawn with the secret seed.
+        """
+        perm = np.random.default_rng(split_seed).permutation(pool_size)
+        public = perm if n is None or n >= pool_size else perm[:n]
+        if self.split == "public":
+            return np.sort(public)
+        rng = np.random.default_rng([self.hidden_seed, split_seed])
+        rest = np.setdiff1d(np.arange(pool_size), public)
+        if len(rest) == 0:
+            return np.sort(rng.permutation(pool_size)[: max(1, pool_size // 2)])
+        return np.sort(rng.permutation(rest)[: n or len(rest)])
+
+    def scoring_subset(self, dataset, n: int | None, split_seed: int):
+        """The rows of `dataset` that `scoring_rows` picks (a `datasets.Dataset`)."""
+        rows = self.scoring_rows(len(dataset), n, split_seed)
+        return dataset if len(rows) == len(dataset) else dataset.select(rows)
 
     def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """`compute()` once per run for `key`: harness-side work every method shares (e.g. the
@@ -103,6 +138,27 @@ class RunEnv:
                     zoo.build(base, progress=self.progress)
             self._models[name] = load_model(name)
         return self._models[name]
+
+
+SPLITS = ("public", "hidden")
+HIDDEN_SEED_ENV = "NEURONBENCH_HIDDEN_SEED"
+
+
+def read_hidden_seed(path: str | None = None) -> int | None:
+    """The scorer's secret seed: an integer in the file `path`, else in ${HIDDEN_SEED_ENV}, else None.
+
+    The seed never lives in the repository or in a results folder."""
+    import os
+    from pathlib import Path
+
+    text = Path(path).read_text().strip() if path else os.environ.get(HIDDEN_SEED_ENV)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"hidden seed {'in ' + str(path) if path else 'in $' + HIDDEN_SEED_ENV} "
+                         f"is {text[:20]!r}: write one integer") from None
 
 
 Scorer = Callable[[TaskSpec, Method, RunEnv], list[Record]]

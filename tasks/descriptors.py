@@ -176,7 +176,7 @@ def part_records(spec: TaskSpec, method: str, seed: int, part: str, answer, trut
                  n_boot: int) -> list[Record]:
     """P@k, R@k (bootstrap over neurons), chance and the number of scored neurons of one part."""
     name = f"descriptors.{part}"
-    out = [record(spec, method, f"{name}.n_scored", float(len(truth)), seed, split="validation")]
+    out = [record(spec, method, f"{name}.n_scored", float(len(truth)), seed)]
     if not truth:
         log.warning("descriptors: no %s neuron has a truth set; nothing to score", part)
         return out
@@ -185,9 +185,9 @@ def part_records(spec: TaskSpec, method: str, seed: int, part: str, answer, trut
         for metric, v in (("p", p), ("r", r)):
             ci = bootstrap_ci(lambda idx, v=v: v[idx].mean(), len(v), n_boot, seed) if len(v) > 1 else (None, None)
             out.append(record(spec, method, f"{name}.{metric}@{k}", float(v.mean()), seed, k=float(k),
-                              ci_low=ci[0], ci_high=ci[1], split="validation"))
+                              ci_low=ci[0], ci_high=ci[1]))
         for metric, chance in (("chance_p", mean_size / n_vocab), ("chance_r", min(k, n_vocab) / n_vocab)):
-            out.append(record(spec, method, f"{name}.{metric}@{k}", chance, seed, k=float(k), split="validation"))
+            out.append(record(spec, method, f"{name}.{metric}@{k}", chance, seed, k=float(k)))
     return out
 
 
@@ -259,19 +259,24 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
 
     col, _ = collect_cached(planted.model, setup.valid, cfg, data_id=f"descriptors:{data_fingerprint(setup.valid)}",
                             cache=env.cache, progress=env.progress)
-    index, data_truth = ctx.index, {}
+    # The truths come from the scoring split's sentences of the validation half (all of it when
+    # public); the planted sets, drawn before the method is asked, never depend on the split.
+    rows = env.scoring_rows(len(setup.valid), None, spec.split_seed)
+    sentence = np.repeat(np.arange(len(setup.valid)), [len(w) for w in setup.valid["words"]])
+    scored = np.isin(sentence, rows)[setup.kept_v]
+    labels_v, index, data_truth = setup.labels_v[scored], ctx.index, {}
     for site in cfg.sites:
         if site == planted.site:
             continue
-        auc = auroc_matrix(np.asarray(col.dense_words[site])[setup.kept_v], setup.labels_v)
+        auc = auroc_matrix(np.asarray(col.dense_words[site])[setup.kept_v][scored], labels_v)
         for i, t in enumerate(truth_sets(auc, setup.supported, vocab, thr)):
             if t:
                 data_truth[index.offset(site) + i] = t
     units = list(planted.units)
     planted_truth = {index.offset(planted.site) + u: {vocab[v] for v in s} for u, s in zip(units, setup.sets)}
-    unit_auc = auroc_matrix(np.asarray(col.dense_words[planted.site])[setup.kept_v][:, units], setup.labels_v)
+    unit_auc = auroc_matrix(np.asarray(col.dense_words[planted.site])[setup.kept_v][scored][:, units], labels_v)
     fidelity = np.mean([unit_auc[v, j] >= thr for j, s in enumerate(setup.sets) for v in s])
     return [*part_records(spec, method.name, env.seed, "data", answer, data_truth, ks, len(asked), n_boot),
             *part_records(spec, method.name, env.seed, "planted", answer, planted_truth, ks, len(asked), n_boot),
-            record(spec, method.name, "descriptors.planted.fidelity", float(fidelity), env.seed, split="validation"),
-            record(spec, method.name, "descriptors.vocabulary_size", float(len(asked)), env.seed, split="validation")]
+            record(spec, method.name, "descriptors.planted.fidelity", float(fidelity), env.seed),
+            record(spec, method.name, "descriptors.vocabulary_size", float(len(asked)), env.seed)]

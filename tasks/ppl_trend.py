@@ -43,9 +43,17 @@ def chunk_losses(model, valid_ids: torch.Tensor, seq_len: int, batch_size: int =
     return torch.cat(out).double()
 
 
-def valid_stream(tokenizer, n_tokens: int) -> torch.Tensor:
-    """The first `n_tokens` of PTB valid, lines joined with <eos> (as the zoo measures it)."""
-    return token_stream(tokenizer, list(load("ptb").splits["dev"]["text"]))[:n_tokens]
+def valid_stream(tokenizer, n_tokens: int, seq_len: int, env: RunEnv, split_seed: int) -> torch.Tensor:
+    """The scoring text: PTB valid, lines joined with <eos> (as the zoo measures it).
+
+    Public split: its first `n_tokens`. Hidden split: as many `seq_len` blocks drawn with the
+    scorer's secret seed from the rest of PTB valid (see `RunEnv.scoring_rows`)."""
+    stream = token_stream(tokenizer, list(load("ptb").splits["dev"]["text"]))
+    if env.split == "public":
+        return stream[:n_tokens]
+    blocks = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)
+    rows = env.scoring_rows(len(blocks), max(1, n_tokens // seq_len), split_seed)
+    return blocks[torch.as_tensor(rows)].reshape(-1)
 
 
 def _correlations(changes: np.ndarray, losses: np.ndarray, tokens_per_block: int, idx=None, pairs=None):
@@ -73,10 +81,10 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list:
         changes.append(float(out))
     seq_len = spec.param("seq_len")
     def measure():
-        valid = valid_stream(models[0].tokenizer, spec.param("valid_tokens"))
+        valid = valid_stream(models[0].tokenizer, spec.param("valid_tokens"), seq_len, env, spec.split_seed)
         return torch.stack([chunk_losses(m, valid, seq_len) for m in models]).numpy()  # (C, blocks)
 
-    losses = env.memo(("ppl-trend", spec.fingerprint()), measure)
+    losses = env.memo(("ppl-trend", spec.fingerprint(), env.split), measure)
     changes_np = np.array(changes)
     rho, tau = _correlations(changes_np, losses, seq_len - 1)
     rng = np.random.default_rng(env.seed)
@@ -89,10 +97,10 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list:
         lo, hi = (float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))) if len(vals) else (None, None)
         value = (rho, tau)[i]
         out.append(record(spec, method.name, f"ppl-trend.{name}", None if math.isnan(value) else value,
-                          env.seed, ci_low=lo, ci_high=hi, split="valid"))
+                          env.seed, ci_low=lo, ci_high=hi))
     log_ppl = losses.sum(1) / (losses.shape[1] * (seq_len - 1))
     for step, change in zip(steps[1:], changes):
-        out.append(record(spec, method.name, "ppl-trend.stage_change", change, env.seed, k=float(step), split="train"))
+        out.append(record(spec, method.name, "ppl-trend.stage_change", change, env.seed, k=float(step)))
     for step, lp in zip(steps, log_ppl):
-        out.append(record(spec, method.name, "ppl-trend.valid_ppl", float(math.exp(lp)), env.seed, k=float(step), split="valid"))
+        out.append(record(spec, method.name, "ppl-trend.valid_ppl", float(math.exp(lp)), env.seed, k=float(step)))
     return out

@@ -14,7 +14,7 @@ import torch
 
 from neuronbench.harness.activations import collect_cached
 from neuronbench.harness.collect import CollectConfig
-from neuronbench.harness.data import load, subsample
+from neuronbench.harness.data import load
 from neuronbench.harness.intervene import ABLATION_MODES, MaskSet, evaluate_masks, gold_label_scores
 from neuronbench.harness.method import Method, MethodContext, NotApplicable, call_verb
 from neuronbench.harness.metrics import bootstrap_ci
@@ -255,8 +255,7 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
         log.info("%s", answer)
         return [record(spec, method.name, "prune.not_applicable", None, env.seed, status="not_applicable")]
     test = corpus.splits["test"]
-    if n_test is not None:  # a fixed subset (split seed), the same for every method and run seed
-        test = subsample(test, n_test, spec.split_seed)
+    test = env.scoring_subset(test, n_test, spec.split_seed)  # fixed per split, whatever the run seed
     plan = build_plan(ctx.index, answer.overall(), ks, n_seeds, env.seed)
     means = None
     if mode == "mean":
