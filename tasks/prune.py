@@ -143,15 +143,25 @@ def train_means(model: LoadedModel, train, data_id: str, sites, cache,
 
 
 def evaluate_plan(model: LoadedModel, test, index: NeuronIndex, plan: PrunePlan, mode: str,
-                  means: dict[Site, torch.Tensor] | None) -> np.ndarray:
-    """(n_sets, n_test, 2): [correct, log p(gold)] of every test example under every set."""
-    neuron_sets = [index.split(torch.as_tensor(s, dtype=torch.int64)) for s in plan.sets]
-    masks = MaskSet.from_sets(model, neuron_sets)
-    labels = torch.tensor(test["label"])
-    model.model.eval()  # a method may have left dropout on
-    scores = evaluate_masks(model, test, masks, lambda out, batch: gold_label_scores(out, batch, labels),
-                            mode=mode, means=means, max_tokens=EVAL_MAX_TOKENS)
-    return scores.double().numpy()
+                  means: dict[Site, torch.Tensor] | None, known: dict[bytes, np.ndarray] | None = None) -> np.ndarray:
+    """(n_sets, n_test, 2): [correct, log p(gold)] of every test example under every set.
+
+    `known` maps a set (its sorted flat ids as bytes) to scores measured earlier in the run on the
+    same model, test examples and ablation: sets another method shares (the full model, the
+    uniform random sets) are evaluated once per run. New results are added to it.
+    """
+    known = {} if known is None else known
+    todo = [i for i, s in enumerate(plan.sets) if s.tobytes() not in known]
+    if todo:
+        neuron_sets = [index.split(torch.as_tensor(plan.sets[i], dtype=torch.int64)) for i in todo]
+        masks = MaskSet.from_sets(model, neuron_sets)
+        labels = torch.tensor(test["label"])
+        model.model.eval()  # a method may have left dropout on
+        fresh = evaluate_masks(model, test, masks, lambda out, batch: gold_label_scores(out, batch, labels),
+                               mode=mode, means=means, max_tokens=EVAL_MAX_TOKENS).double().numpy()
+        for row, i in enumerate(todo):
+            known[plan.sets[i].tobytes()] = fresh[row]
+    return np.stack([known[s.tobytes()] for s in plan.sets])
 
 
 class _Bootstrap:
@@ -260,5 +270,6 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     means = None
     if mode == "mean":
         means = train_means(child, train, data_id, ctx.sites, env.cache, corpus.label_names)
-    scores = evaluate_plan(child, test, ctx.index, plan, mode, means)
+    known = env.memo(("prune.sets", spec.fingerprint(), env.split, env.hidden_seed), dict)
+    scores = evaluate_plan(child, test, ctx.index, plan, mode, means, known)
     return summarise(spec, method.name, env.seed, plan, scores, n_boot, ctx.index.size)
