@@ -255,11 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=10, help="top neurons to print")
     p.add_argument("--out", help="CSV file for the per-neuron scores")
     p.set_defaults(fn=_explain)
+    from .regress import add_regress_parser
     from .sanity import add_sanity_parser
     from .zoo import add_zoo_parser
 
     add_zoo_parser(sub)
     add_sanity_parser(sub)
+    add_regress_parser(sub)
     p = sub.add_parser("cache", help="list or clear cached statistics")
     p.add_argument("action", choices=("ls", "clear"))
     p.set_defaults(fn=_cache)

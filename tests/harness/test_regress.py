@@ -1,7 +1,6 @@
 """`regress`: an unchanged method passes, a deliberately worsened one is caught, specs are guarded."""
 from __future__ import annotations
 
-
 import polars as pl
 import pytest
 
