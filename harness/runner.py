@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def run_suite(config: RunConfig, progress: bool = True,
             records.extend(replace(r, split=env.split) for r in run_one(task, spec, method, env))
             timings[f"{spec.name}/{method.name}"] = round(time.perf_counter() - start, 2)
     specs = {t.spec.name: asdict(resolve_spec(t, config)) for t in tasks}
-    record_config = {"run_id": run_id, "config": asdict(config), "tasks": specs,
+    record_config = {"run_id": run_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "config": asdict(config), "tasks": specs,
                      "fingerprints": {n: resolve_spec(TASKS.get(n), config).fingerprint() for n in task_names},
                      "methods": [m.name for m in methods], "seconds": timings}
     frame = to_frame(records, run_id)

@@ -5,7 +5,7 @@ import pytest
 from neuronbench.harness.cache import Cache
 from neuronbench.harness.method import METHODS, get_method
 from neuronbench.harness.records import SCHEMA, load_results
-from neuronbench.harness.runner import RunConfig, _one, run_suite, summary
+from neuronbench.harness.runner import RunConfig, run_one, run_suite, summary
 from neuronbench.harness.task import TASKS, RunEnv
 
 
@@ -20,7 +20,7 @@ def env(tmp_path_factory):
 def test_every_task_with_every_baseline_at_quick_scale(env, task, method):
     t = TASKS.get(task)
     spec = t.spec.quick_version()
-    records = _one(t, spec, get_method(method), env)
+    records = run_one(t, spec, get_method(method), env)
     assert records, "a task must always leave a record"
     assert all(r.task == task and r.config_hash == spec.fingerprint() for r in records)
     if any(r.status == "not_applicable" for r in records):

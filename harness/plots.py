@@ -1,0 +1,196 @@
+"""The report's figures: one PNG per task, one panel per method, drawn with matplotlib (Agg).
+
+Each plotter takes one task's `ok` records (any number of methods) and returns PNG bytes, or None
+when the records hold nothing it can draw.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Callable
+
+import polars as pl
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+          "#bcbd22", "#17becf")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI; must precede the pyplot import
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(n: int, width: float = 3.4, height: float = 2.6, sharey: bool = False):
+    """A figure with `n` panels, at most 4 a row; unused panels are hidden."""
+    plt = _pyplot()
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharey=sharey)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=80)
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def _series(frame: pl.DataFrame, metric: str) -> pl.DataFrame:
+    return frame.filter((pl.col("metric") == metric) & pl.col("k").is_not_null()
+                        & pl.col("value").is_not_null()).sort("k")
+
+
+def _line(ax, frame: pl.DataFrame, metric: str, label: str, color: str, style: str = "-") -> bool:
+    """Plot `metric` against k with its interval as a band; False when there is nothing to plot."""
+    sub = _series(frame, metric)
+    if sub.is_empty():
+        return False
+    ax.plot(sub["k"], sub["value"], style, marker="o", ms=3, color=color, label=label)
+    ci = sub.filter(pl.col("ci_low").is_not_null())
+    if len(ci):
+        ax.fill_between(ci["k"], ci["ci_low"], ci["ci_high"], color=color, alpha=0.12, lw=0)
+    return True
+
+
+def _curves(frame: pl.DataFrame, lines: dict[str, tuple[str, str]], xlabel: str, ylabel: str,
+            log_x: bool = False, hline: str | None = None) -> bytes | None:
+    """One panel per method; `lines` maps metric -> (legend label, line style)."""
+    methods = sorted(frame.filter(pl.col("metric").is_in(list(lines)))["method"].unique())
+    if not methods:
+        return None
+    fig, axes = _grid(len(methods), sharey=True)  # one y scale, so panels compare at a glance
+    for ax, method in zip(axes, methods):
+        sub = frame.filter(pl.col("method") == method)
+        for i, (metric, (label, style)) in enumerate(lines.items()):
+            _line(ax, sub, metric, label, COLORS[i % len(COLORS)], style)
+        ref = sub.filter(pl.col("metric") == hline)["value"] if hline else []
+        if len(ref):
+            ax.axhline(float(ref[0]), color="black", ls=":", lw=1, label=hline.rsplit(".", 1)[-1])
+        ks = _series(sub, next(iter(lines)))["k"]
+        if log_x and len(ks) and ks.min() > 0 and ks.max() / ks.min() >= 10:
+            ax.set_xscale("log")
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7)
+    return _png(fig)
+
+
+def prune_plot(frame: pl.DataFrame) -> bytes | None:
+    """Test-accuracy drop against the fraction of FFN neurons ablated, per condition."""
+    conditions = ("top", "bottom", "random_uniform", "random_matched", "random_matched_bottom")
+    styles = ("-", "-", "--", "--", ":")
+    lines = {f"prune.acc_drop.{c}": (c, s) for c, s in zip(conditions, styles)}
+    return _curves(frame, lines, "fraction of neurons ablated", "accuracy drop", log_x=True)
+
+
+def probe_plot(frame: pl.DataFrame) -> bytes | None:
+    """Probe accuracy against the fraction of neurons kept (top, random, bottom)."""
+    lines = {f"probe.acc.{c}": (c, "-") for c in ("top", "random", "bottom")}
+    return _curves(frame, lines, "fraction of neurons", "probe accuracy", log_x=True,
+                   hline="probe.full_accuracy")
+
+
+def erasure_plot(frame: pl.DataFrame) -> bytes | None:
+    """Comprehensiveness and sufficiency (AOPC) per layer, against random positions."""
+    lines = {"erasure.comprehensiveness": ("comprehensiveness", "-"),
+             "erasure.random_comprehensiveness": ("random comp.", "--"),
+             "erasure.sufficiency": ("sufficiency", "-"),
+             "erasure.random_sufficiency": ("random suff.", "--")}
+    return _curves(frame, lines, "layer", "AOPC")
+
+
+def ppl_trend_plot(frame: pl.DataFrame) -> bytes | None:
+    """Per method: stage change against the log-perplexity improvement between consecutive steps."""
+    methods = sorted(frame.filter(pl.col("metric") == "ppl-trend.stage_change")["method"].unique())
+    if not methods:
+        return None
+    fig, axes = _grid(len(methods))
+    for ax, method in zip(axes, methods):
+        sub = frame.filter(pl.col("method") == method)
+        ppl = _series(sub, "ppl-trend.valid_ppl")
+        log_ppl = dict(zip(ppl["k"].to_list(), (math.log(v) for v in ppl["value"])))
+        steps = sorted(log_ppl)
+        gain = {later: log_ppl[earlier] - log_ppl[later] for earlier, later in zip(steps, steps[1:])}
+        change = _series(sub, "ppl-trend.stage_change")
+        pts = [(gain[k], v, k) for k, v in zip(change["k"], change["value"]) if k in gain]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color=COLORS[0])
+        for x, y, step in pts:
+            ax.annotate(f"{step:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        rho = sub.filter(pl.col("metric") == "ppl-trend.spearman")["value"]
+        title = f"{method} (rho={rho[0]:+.2f})" if len(rho) and rho[0] is not None else method
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("log-ppl improvement since previous step", fontsize=8)
+        ax.set_ylabel("stage change", fontsize=8)
+        ax.tick_params(labelsize=7)
+    return _png(fig)
+
+
+def descriptors_plot(frame: pl.DataFrame) -> bytes | None:
+    """P@k and R@k bars per method, data-grounded and planted truths, chance as black ticks."""
+    methods = sorted(frame.filter(pl.col("metric").str.contains(r"^descriptors\.\w+\.[pr]@"))["method"].unique())
+    if not methods:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), squeeze=False)
+    width = 0.8 / len(methods)
+    for row, truth in enumerate(("data", "planted")):
+        for col, stat in enumerate(("p", "r")):
+            ax = axes[row][col]
+            for i, method in enumerate(methods):
+                sub = frame.filter(pl.col("method") == method)
+                _bars(ax, sub, f"descriptors.{truth}.{stat}@", f"descriptors.{truth}.chance_{stat}@",
+                      (i - (len(methods) - 1) / 2) * width, width, method, COLORS[i % len(COLORS)])
+            ax.set_title(f"{truth}: {stat.upper()}@k", fontsize=10)
+            ax.set_xlabel("k", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0][0].plot([], [], color="black", lw=1.5, label="chance")
+    axes[0][0].legend(fontsize=7)
+    return _png(fig)
+
+
+def _bars(ax, frame: pl.DataFrame, prefix: str, chance_prefix: str, shift: float, width: float,
+          label: str, color: str) -> None:
+    ks = (1, 2, 5)
+    vals, errs, xs, chance = [], [[], []], [], []
+    for x, k in enumerate(ks):
+        row = frame.filter(pl.col("metric") == f"{prefix}{k}")
+        if row.is_empty() or row["value"][0] is None:
+            continue
+        v, lo, hi = row["value"][0], row["ci_low"][0], row["ci_high"][0]
+        xs.append(x + shift)
+        vals.append(v)
+        errs[0].append(v - lo if lo is not None else 0.0)
+        errs[1].append(hi - v if hi is not None else 0.0)
+        ref = frame.filter(pl.col("metric") == f"{chance_prefix}{k}")["value"]
+        chance.append(ref[0] if len(ref) else None)
+    ax.bar(xs, vals, width, yerr=errs, color=color, label=label, capsize=2, error_kw={"lw": 0.8})
+    for x, c in zip(xs, chance):
+        if c is not None:
+            ax.hlines(c, x - width / 2, x + width / 2, color="black", lw=1.5)
+    ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+
+
+PLOTTERS: dict[str, Callable[[pl.DataFrame], bytes | None]] = {
+    "prune": prune_plot, "ppl-trend": ppl_trend_plot, "descriptors": descriptors_plot,
+    "probe": probe_plot, "erasure": erasure_plot,
+}
+
+
+def task_plot(task: str, frame: pl.DataFrame) -> bytes | None:
+    """The PNG of `task` from its records (only `ok` rows are drawn), or None for a task without
+    a plotter or with nothing to draw."""
+    plotter = PLOTTERS.get(task)
+    if plotter is None:
+        return None
+    return plotter(frame.filter((pl.col("task") == task) & (pl.col("status") == "ok")))
