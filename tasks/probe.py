@@ -1,0 +1,378 @@
+"""`probe`: retrain a fixed linear POS probe on the `resid` neurons a method ranks most (and least)
+relevant for WSJ part-of-speech tags, against random neurons and a control task (LCA / NeuroX;
+Hewitt & Liang 2019 for the control task and selectivity).
+
+Protocol (fixed before measuring):
+- The method sees the train split (word-level POS labels, `label_names`; `ctx.concept` None) and
+  ranks every `resid` neuron with `relevance`; `overall()` (max over concepts) orders them, ties
+  broken by a permutation seeded by the run seed.
+- Words are represented by the activation at their last subword (`alignment`); words a truncated
+  input cut off have no activation and are left out everywhere.
+- The harness trains a fresh probe with one recipe for every method: multinomial logistic
+  regression on inputs standardised with the probe-train words' mean and std, cross-entropy +
+  `l2` * sum W^2 (bias not penalised), zero initial weights, full-batch L-BFGS (strong Wolfe line
+  search, history 10) for at most `lbfgs_steps` iterations. Zero init and full batches leave no
+  randomness in the probe. It is trained on the words of `probe_sentences` sentences of the
+  method's train split (seeded by `split_seed`; all when None) and scored on test-split words.
+- Neuron sets per k (a share of all resid neurons, round(k * N), at least 1): the method's top-k,
+  its bottom-k, and `random_seeds` uniform random k-sets (seed i: a permutation drawn from
+  (run seed + i), nested in k). The full-neuron probe is the reference.
+- Control task: every word type (exact string) gets a tag drawn from the token-level tag
+  distribution of the train split, by hashing (split_seed, word) to a uniform number and inverting
+  the distribution's CDF: a function of the type alone, the same in every split and run. The same
+  recipe is trained on the same neuron sets with the control tags; selectivity = task accuracy -
+  control accuracy.
+- Scoring: `n_test` test sentences (`RunEnv.scoring_subset`; the hidden split scores others), all
+  their words. Intervals: paired percentile bootstrap over test sentences (words of one sentence
+  are not independent), random-set seeds resampled in every replicate (see `_Bootstrap`).
+- Method-independent probes (random sets, full) are trained once per run and shared (`RunEnv.memo`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neuronbench.harness.activations import collect_cached
+from neuronbench.harness.batching import encode
+from neuronbench.harness.collect import CollectConfig
+from neuronbench.harness.data import load, subsample
+from neuronbench.harness.method import Method, MethodContext, NotApplicable, call_verb
+from neuronbench.harness.metrics import bootstrap_ci
+from neuronbench.harness.models import LoadedModel, load_model
+from neuronbench.harness.records import Record
+from neuronbench.harness.task import RunEnv, TaskSpec, record, register_task
+
+log = logging.getLogger(__name__)
+
+# Cost (2 CPU cores): the probe-train cap of 400 sentences (~10k words) halves L-BFGS time against
+# the whole split (801) for about 1 point of full-probe accuracy; 50 iterations change test accuracy
+# by < 0.5 points against 200. --quick: the tiny classifier's encoder (no head; see `encoder`).
+SPEC = TaskSpec(
+    name="probe", version=1, verb="relevance", model="minilm", data="wsj-pos", sites="resid",
+    headline="probe.top_minus_bottom@10", no_skill=0.0,
+    params=(("ks", (0.01, 0.05, 0.1, 0.2)), ("random_seeds", 5), ("n_test", 50), ("train_sentences", None),
+            ("probe_sentences", 400), ("l2", 1e-3), ("lbfgs_steps", 50), ("bootstrap", 1000),
+            ("alignment", "last")),
+    quick=(("model", "minilm-polarity-tiny"), ("ks", (0.1, 0.2)), ("random_seeds", 2), ("n_test", 20),
+           ("train_sentences", 60), ("lbfgs_steps", 15), ("bootstrap", 200)),
+    description="POS accuracy and control-task selectivity of a probe retrained on a method's top-k "
+                "resid neurons, vs its bottom-k and random-k")
+
+TOP, RANDOM, BOTTOM = "top", "random", "bottom"
+CONDITIONS = (TOP, RANDOM, BOTTOM)
+TASK, CONTROL = "task", "control"
+HEADLINE_K = 0.1
+_TIE_STREAM, _RANDOM_STREAM, _BOOT_STREAM = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- neuron sets
+
+def set_size(k: float, n_neurons: int) -> int:
+    """Neurons in a k-set: round(k * n), at least 1."""
+    if not 0 < k <= 1:
+        raise ValueError(f"probe fraction k={k!r} must be in (0, 1], e.g. 0.1 for 10% of the neurons")
+    return max(1, round(k * n_neurons))
+
+
+def rank_neurons(scores: torch.Tensor, seed: int) -> np.ndarray:
+    """Flat neuron ids, most relevant first; ties broken by a permutation seeded by `seed`."""
+    values = scores.detach().double().cpu().numpy()
+    tie = np.random.default_rng([seed, _TIE_STREAM]).permutation(len(values))
+    return tie[np.argsort(-values[tie], kind="stable")]
+
+
+def neuron_sets(scores: torch.Tensor, ks, n_seeds: int, seed: int) -> dict[tuple[str, float], list[np.ndarray]]:
+    """(condition, k) -> sorted flat ids: one set for top and bottom, one per seed for random."""
+    order, n = rank_neurons(scores, seed), len(scores)
+    perms = [random_permutation(n, seed, i) for i in range(n_seeds)]
+    out = {}
+    for k in ks:
+        m = set_size(k, n)
+        out[(TOP, k)] = [np.sort(order[:m])]
+        out[(BOTTOM, k)] = [np.sort(order[n - m:])]
+        out[(RANDOM, k)] = [np.sort(p[:m]) for p in perms]
+    return out
+
+
+def random_permutation(n: int, seed: int, i: int) -> np.ndarray:
+    """Random seed i's order of the n neurons (its k-sets are prefixes, so nested in k)."""
+    return np.random.default_rng([seed + i, _RANDOM_STREAM]).permutation(n)
+
+
+# --------------------------------------------------------------------------- control task
+
+def tag_distribution(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes,) share of each tag among the tokens `labels`."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    if counts.sum() == 0:
+        raise ValueError("no labelled word to take the control tag distribution from")
+    return counts / counts.sum()
+
+
+def control_tags(words, probs: np.ndarray, seed: int) -> np.ndarray:
+    """A control tag per word: a function of the word's type (its exact string) and `seed` only.
+
+    Each type hashes (sha256 of seed and word) to a uniform number in [0, 1), mapped through the
+    inverse CDF of `probs`, so types draw tags independently from `probs`.
+    """
+    types, inverse = np.unique(np.asarray(words, dtype=object).astype(str), return_inverse=True)
+    cdf = np.cumsum(probs)
+    u = np.array([int.from_bytes(hashlib.sha256(f"{seed}\x00{w}".encode()).digest()[:8], "little") / 2.0 ** 64
+                  for w in types])
+    tags = np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), len(probs) - 1)
+    return tags[inverse.reshape(-1)].astype(np.int64)
+
+
+# --------------------------------------------------------------------------- the probe
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, steps: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (d, C), b (C,)) of multinomial logistic regression: cross-entropy + l2 * sum W^2,
+    zero init, full-batch L-BFGS for at most `steps` iterations."""
+    weight = torch.zeros(x.shape[1], n_classes, requires_grad=True)
+    bias = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=10,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-9)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return weight.detach(), bias.detach()
+
+
+@dataclass(frozen=True)
+class ProbeData:
+    """Standardised word activations and labels of the probe-train and the scored test words.
+
+    Attributes:
+        x_train, x_test: (W, N) float32 on the CPU, all resid neurons in `ctx.index` order.
+        y_train, y_test: {"task": gold tags, "control": control tags}, (W,) int64 each.
+        sentence: (W_test,) position of each test word's sentence among the scored sentences.
+        test_rows: ids (rows of the test split) of the scored sentences.
+        n_classes: number of tags.
+    """
+
+    x_train: torch.Tensor
+    y_train: dict[str, torch.Tensor]
+    x_test: torch.Tensor
+    y_test: dict[str, np.ndarray]
+    sentence: np.ndarray
+    test_rows: np.ndarray
+    n_classes: int
+
+    @property
+    def words_per_sentence(self) -> np.ndarray:
+        return np.bincount(self.sentence, minlength=len(self.test_rows)).astype(np.float64)
+
+
+def correct_counts(data: ProbeData, columns: np.ndarray, labels: str, l2: float, steps: int) -> np.ndarray:
+    """(n_sentences,) test words per scored sentence a probe on `columns` tags right (`labels`:
+    task or control)."""
+    cols = torch.as_tensor(columns, dtype=torch.long)
+    weight, bias = fit_probe(data.x_train.index_select(1, cols), data.y_train[labels], data.n_classes,
+                             l2, steps)
+    pred = (data.x_test.index_select(1, cols) @ weight + bias).argmax(1).numpy()
+    right = (pred == data.y_test[labels]).astype(np.float64)
+    return np.bincount(data.sentence, weights=right, minlength=len(data.test_rows))
+
+
+# --------------------------------------------------------------------------- data
+
+def encoder(env: RunEnv, name: str) -> LoadedModel:
+    """`name` as a bare encoder: a classifier's task head (the tiny --quick model has one) plays no
+    part in probing and would make gradient methods differentiate an unrelated objective."""
+    model = env.model(name)
+    if model.kind == "base":
+        return model
+    return env.memo(("probe", "encoder", name), lambda: _load_base(name, model.device))
+
+
+def _load_base(name: str, device: torch.device) -> LoadedModel:
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its report lists the head's weights we drop on purpose
+    try:
+        return load_model(name, kind="base", device=device)
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def kept_words(model: LoadedModel, dataset, cfg: CollectConfig) -> np.ndarray:
+    """(W,) bool, words in dataset order: False for a word truncation cut off (no activation)."""
+    enc = encode(model.tokenizer, dataset, min(cfg.max_length, model.max_length), with_words=True)
+    kept = [np.isin(np.arange(n), [w for w in wids if w is not None]) for n, wids in zip(enc.n_words, enc.word_ids)]
+    return np.concatenate(kept) if kept else np.zeros(0, dtype=bool)
+
+
+def word_matrix(model: LoadedModel, dataset, data_id: str, cfg: CollectConfig, env: RunEnv,
+                label_names) -> tuple[np.ndarray, np.ndarray]:
+    """(W, N) float32 word activations of all of `cfg.sites` (dataset order) and the kept mask."""
+    model.model.eval()  # a method may have left dropout on
+    col, _ = collect_cached(model, dataset, cfg, data_id=data_id, label_names=label_names, cache=env.cache,
+                            progress=env.progress)
+    x = np.concatenate([np.asarray(col.dense_words[s], dtype=np.float32) for s in cfg.sites], 1)
+    return x, kept_words(model, dataset, cfg)
+
+
+def _words(ds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Words, gold tags and sentence position per word of a tagged split (dataset order)."""
+    words = np.array([w for ws in ds["words"] for w in ws], dtype=object)
+    tags = np.array([t for ts in ds["word_labels"] for t in ts], dtype=np.int64)
+    return words, tags, np.repeat(np.arange(len(ds)), [len(ws) for ws in ds["words"]])
+
+
+def prepare(spec: TaskSpec, env: RunEnv, model: LoadedModel, corpus, train, train_id: str) -> ProbeData:
+    """Collect (cached) and standardise the probe-train and scored test words; control tags."""
+    cfg = CollectConfig(sites=model.sites(spec.sites), stats=(), dense_words=True, alignment=spec.param("alignment"))
+    n_classes = len(corpus.label_names)
+    probs = tag_distribution(_words(corpus.splits["train"])[1], n_classes)
+    x_tr, kept_tr = word_matrix(model, train, train_id, cfg, env, corpus.label_names)
+    words_tr, tags_tr, sent_tr = _words(train)
+    n_probe = spec.param("probe_sentences") or len(train)
+    probe_rows = np.random.default_rng(spec.split_seed).permutation(len(train))[:n_probe]
+    chosen = np.isin(sent_tr, probe_rows) & kept_tr
+    test = corpus.splits["test"]
+    x_te, kept_te = word_matrix(model, test, f"{corpus.fingerprint}:test", cfg, env, corpus.label_names)
+    words_te, tags_te, sent_te = _words(test)
+    rows = env.scoring_rows(len(test), spec.param("n_test"), spec.split_seed)
+    scored = np.isin(sent_te, rows) & kept_te
+    if not chosen.any() or scored.sum() < 2:
+        raise ValueError(f"probe: {chosen.sum()} train and {scored.sum()} test words kept a token; "
+                         "use longer max_length or more sentences")
+    x_train = torch.from_numpy(x_tr[chosen])
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    y_train = {TASK: tags_tr[chosen], CONTROL: control_tags(words_tr[chosen], probs, spec.split_seed)}
+    return ProbeData(x_train=(x_train - mean) / std, y_train={k: torch.from_numpy(v) for k, v in y_train.items()},
+                     x_test=(torch.from_numpy(x_te[scored]) - mean) / std,
+                     y_test={TASK: tags_te[scored], CONTROL: control_tags(words_te[scored], probs, spec.split_seed)},
+                     sentence=np.searchsorted(rows, sent_te[scored]), test_rows=rows, n_classes=n_classes)
+
+
+# --------------------------------------------------------------------------- scoring
+
+def evaluate(spec: TaskSpec, env: RunEnv, data: ProbeData, sets, n_neurons: int) -> dict:
+    """(condition, k, labels) -> (S, n_sentences) correct counts, S = 1 or the random seeds;
+    ("full", None, labels) for the full probe. Random and full probes are trained once per run."""
+    l2, steps = float(spec.param("l2")), int(spec.param("lbfgs_steps"))
+
+    def counts(columns: np.ndarray, labels: str) -> np.ndarray:
+        return correct_counts(data, columns, labels, l2, steps)
+
+    base = ("probe", spec.fingerprint(), env.seed)
+    out = {}
+    for labels in (TASK, CONTROL):
+        full = env.memo((*base, "full", labels), lambda: counts(np.arange(n_neurons), labels))
+        out[("full", None, labels)] = full[None]
+        for (cond, k), members in sets.items():
+            if cond == RANDOM:
+                rows = [env.memo((*base, RANDOM, k, i, labels), lambda m=m: counts(m, labels))
+                        for i, m in enumerate(members)]
+            else:
+                rows = [counts(m, labels) for m in members]
+            out[(cond, k, labels)] = np.stack(rows)
+    return out
+
+
+class _Bootstrap:
+    """Paired percentile intervals over test sentences, resampling random-set seeds too.
+
+    Every statistic sees the same replicates: the sentences through `metrics.bootstrap_ci` (seeded
+    by `seed`) and the seeds from a generator restarted for every statistic, so intervals of
+    differences (top - bottom, task - control) are paired.
+    """
+
+    def __init__(self, words: np.ndarray, n_seeds: int, n_boot: int, seed: int):
+        self.words, self.n_seeds, self.n_boot, self.seed = words, n_seeds, n_boot, seed
+
+    def ci(self, per_seed: np.ndarray) -> tuple[float, float, float]:
+        """(value, low, high) of the word accuracy (or accuracy difference) of correct counts
+        `per_seed` (S, n_sentences), averaged over the S rows."""
+        seeds = np.random.default_rng([self.seed, _BOOT_STREAM])
+
+        def stat(ex: np.ndarray) -> float:
+            rows = per_seed[seeds.integers(0, self.n_seeds, self.n_seeds)] if len(per_seed) > 1 else per_seed
+            return rows[:, ex].mean() / self.words[ex].mean()
+
+        value = per_seed.mean() / self.words.mean()
+        return (float(value), *bootstrap_ci(stat, len(self.words), self.n_boot, self.seed))
+
+
+def summarise(spec: TaskSpec, method: str, seed: int, counts: dict, ks, n_neurons: int,
+              boot: _Bootstrap) -> list[Record]:
+    """Accuracy, control accuracy and selectivity per condition and k, the full probe's, and the
+    headlines `probe.top_minus_bottom@10` and `probe.selectivity@10`, each with its interval."""
+    def rec(metric: str, per_seed: np.ndarray, k: float | None = None) -> Record:
+        value, low, high = boot.ci(per_seed)
+        return record(spec, method, metric, value, seed, k=k, ci_low=low, ci_high=high)
+
+    full_task, full_control = counts[("full", None, TASK)], counts[("full", None, CONTROL)]
+    out = [rec("probe.full_accuracy", full_task), rec("probe.full_control_accuracy", full_control),
+           rec("probe.full_selectivity", full_task - full_control)]
+    for k in ks:
+        out.append(record(spec, method, "probe.set_size", float(set_size(k, n_neurons)), seed, k=k))
+        for cond in CONDITIONS:
+            task, control = counts[(cond, k, TASK)], counts[(cond, k, CONTROL)]
+            out += [rec(f"probe.acc.{cond}", task, k), rec(f"probe.control_acc.{cond}", control, k),
+                    rec(f"probe.selectivity.{cond}", task - control, k)]
+    top, bottom = counts[(TOP, HEADLINE_K, TASK)], counts[(BOTTOM, HEADLINE_K, TASK)]
+    out.append(rec(spec.headline, top - bottom))
+    out.append(rec("probe.selectivity@10", top - counts[(TOP, HEADLINE_K, CONTROL)]))
+    return out
+
+
+def _params(spec: TaskSpec) -> tuple[tuple[float, ...], int, int]:
+    ks = tuple(float(k) for k in spec.param("ks"))
+    for k in ks:
+        set_size(k, 1)
+    if HEADLINE_K not in ks:
+        raise ValueError(f"probe: ks={ks} must include {HEADLINE_K}, the k of the headline metrics")
+    n_seeds = spec.param("random_seeds")
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+        raise ValueError(f"probe: random_seeds={n_seeds!r} must be a positive integer")
+    for name in ("lbfgs_steps", "bootstrap"):
+        if int(spec.param(name)) < 1:
+            raise ValueError(f"probe: {name}={spec.param(name)!r} must be a positive integer")
+    return ks, n_seeds, int(spec.param("bootstrap"))
+
+
+def _not_applicable(spec: TaskSpec, method: Method, seed: int, why: str) -> list[Record]:
+    log.info("%s", why)
+    return [record(spec, method.name, "probe.not_applicable", None, seed, status="not_applicable")]
+
+
+@register_task(SPEC)
+def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
+    """Rank the resid neurons with `method.relevance` (train split), retrain the probe on the
+    top/bottom/random k-sets, and score task and control accuracy on the test split."""
+    ks, n_seeds, n_boot = _params(spec)
+    if method.needs.stages and spec.parent is None:
+        return _not_applicable(spec, method, env.seed, f"{method.name} compares stages; probe has one model")
+    corpus = load(spec.data, spec.split_seed)
+    if corpus.label_names is None or "word_labels" not in corpus.splits["train"].column_names:
+        raise ValueError(f"probe: data {spec.data!r} has no word-level tags; use a tagged corpus such as wsj-pos")
+    model = encoder(env, spec.model)
+    train, train_id = corpus.splits["train"], f"{corpus.fingerprint}:train"
+    if spec.param("train_sentences") is not None:
+        train = subsample(train, int(spec.param("train_sentences")), spec.split_seed)
+        train_id = f"{train_id}:{len(train)}@{spec.split_seed}"
+    ctx = MethodContext(model=model, sites=model.sites(spec.sites), data=train, data_id=train_id, seed=env.seed,
+                        label_names=corpus.label_names, cache=env.cache)
+    answer = call_verb(method, spec.verb, ctx)
+    if isinstance(answer, NotApplicable):
+        return _not_applicable(spec, method, env.seed, str(answer))
+    data = env.memo(("probe", spec.fingerprint(), "data"), lambda: prepare(spec, env, model, corpus, train, train_id))
+    sets = neuron_sets(answer.overall(), ks, n_seeds, env.seed)
+    counts = evaluate(spec, env, data, sets, ctx.index.size)
+    boot = _Bootstrap(data.words_per_sentence, n_seeds, n_boot, env.seed)
+    return summarise(spec, method.name, env.seed, counts, ks, ctx.index.size, boot)

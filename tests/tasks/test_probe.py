@@ -1,0 +1,184 @@
+"""Tests for the `probe` task: control tags, neuron sets, a planted informative neuron, the quick spec
+end to end on a tiny BERT, reproducibility, the hidden split, not-applicable paths, and `lca` on the
+real MiniLM (slow)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from neuronbench.harness import data
+from neuronbench.harness.method import Method, MethodContext, get_method
+from neuronbench.harness.task import RunEnv
+from neuronbench.tasks import probe
+
+QUICK = probe.SPEC.quick_version()
+
+
+def _spec(base=QUICK, **params):
+    return dataclasses.replace(base, params=tuple({**dict(base.params), **params}.items()))
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    from neuronbench.harness.tiny import tiny_model
+
+    return tiny_model("bert", "base", seed=0)
+
+
+def _env(model, cache, seed: int = 0, **kw) -> RunEnv:
+    return RunEnv(seed=seed, cache=cache, progress=False, _models={model.name: model}, **kw)
+
+
+def _run(model, method: Method, cache, seed: int = 0, spec=None, **kw):
+    spec = spec or dataclasses.replace(QUICK, model=model.name)
+    return probe.score(spec, method, _env(model, cache, seed, **kw))
+
+
+def _by_metric(records) -> dict:
+    return {(r.metric, r.k): r for r in records}
+
+
+class StagesOnly(Method):
+    name = "stages-only"
+
+    def stage_change(self, ctx: MethodContext) -> float:
+        return 0.0
+
+
+# ---------------------------------------------------------------- control task and neuron sets
+
+def test_control_tags_are_a_function_of_the_word_type_and_keep_the_tag_distribution():
+    probs = np.array([0.5, 0.25, 0.15, 0.1, 0.0])
+    types = [f"w{i}" for i in range(20000)]
+    tags = probe.control_tags(types, probs, seed=0)
+    assert np.abs(np.bincount(tags, minlength=5) / len(types) - probs).max() < 0.015
+    assert not (tags == 4).any()  # a tag with no token is never drawn
+    # The same type gets the same tag wherever it occurs, whatever other words are tagged with it.
+    words = ["the", "cat", "The", "the", "sat", "cat"]
+    again = probe.control_tags(words, probs, seed=0)
+    assert again[0] == again[3] and again[1] == again[5]
+    assert list(probe.control_tags(["sat", "the"], probs, seed=0)) == [again[4], again[0]]
+    assert (probe.control_tags(types, probs, seed=1) != tags).mean() > 0.3  # the seed draws anew
+    assert np.allclose(probe.tag_distribution(np.array([0, 0, 1, 3]), 4), [0.5, 0.25, 0, 0.25])
+
+
+def test_sets_have_the_right_sizes_and_order():
+    scores = torch.arange(200.0)
+    sets = probe.neuron_sets(scores, (0.01, 0.1, 0.2), n_seeds=3, seed=5)
+    for k in (0.01, 0.1, 0.2):
+        n = probe.set_size(k, 200)
+        (top,), (bottom,), randoms = sets[("top", k)], sets[("bottom", k)], sets[("random", k)]
+        assert list(top) == list(range(200 - n, 200)) and list(bottom) == list(range(n))
+        assert len(randoms) == 3 and all(len(np.unique(r)) == n for r in randoms)
+        assert len({r.tobytes() for r in randoms}) == 3  # seeds draw different sets
+    for i in range(3):  # a seed's random sets are nested in k
+        assert set(sets[("random", 0.1)][i]) <= set(sets[("random", 0.2)][i])
+    assert probe.set_size(0.001, 200) == 1
+    tied = probe.neuron_sets(torch.zeros(100), (0.2,), 1, seed=0)[("top", 0.2)][0]
+    assert (tied >= 50).any() and (tied < 50).any()  # ties broken at random, not by position
+
+
+def test_bad_parameters_are_rejected(tiny_bert, tmp_cache):
+    spec = dataclasses.replace(_spec(ks=(0.05, 0.2)), model=tiny_bert.name)
+    with pytest.raises(ValueError, match="must include 0.1"):
+        _run(tiny_bert, get_method("random"), tmp_cache, spec=spec)
+    with pytest.raises(ValueError, match="k=1.5"):
+        probe.set_size(1.5, 100)
+
+
+# ---------------------------------------------------------------- scoring
+
+def _planted_data(n_neurons: int = 40, informative=(3, 17, 25, 38), seed: int = 0) -> probe.ProbeData:
+    """Four classes; neuron informative[c] is 1 on the words of class c, all neurons noisy."""
+    rng = np.random.default_rng(seed)
+
+    def split(n_words: int):
+        y = rng.integers(0, 4, n_words)
+        x = rng.normal(size=(n_words, n_neurons))
+        x[np.arange(n_words), np.asarray(informative)[y]] += 3.0
+        return torch.tensor(x, dtype=torch.float32), y
+
+    x_tr, y_tr = split(800)
+    x_te, y_te = split(400)
+    control_tr, control_te = rng.integers(0, 4, 800), rng.integers(0, 4, 400)
+    return probe.ProbeData(x_tr, {"task": torch.from_numpy(y_tr), "control": torch.from_numpy(control_tr)},
+                           x_te, {"task": y_te, "control": control_te}, np.repeat(np.arange(40), 10),
+                           np.arange(40), n_classes=4)
+
+
+def test_ranking_a_planted_informative_neuron_first_beats_bottom_and_random(tmp_cache):
+    data = _planted_data()
+    scores = torch.zeros(40)
+    scores[[3, 17, 25, 38]] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # the method finds the planted neurons
+    spec, env = _spec(ks=(0.1, 0.2), random_seeds=3), RunEnv(seed=0, cache=tmp_cache, progress=False)
+    counts = probe.evaluate(spec, env, data, probe.neuron_sets(scores, (0.1, 0.2), 3, 0), 40)
+    boot = probe._Bootstrap(data.words_per_sentence, 3, 200, 0)
+    got = _by_metric(probe.summarise(spec, "planted", 0, counts, (0.1, 0.2), 40, boot))
+    assert got[("probe.acc.top", 0.1)].value > 0.9
+    assert got[("probe.acc.top", 0.1)].value > got[("probe.acc.random", 0.1)].value + 0.3
+    assert got[("probe.acc.bottom", 0.1)].value < 0.4
+    head = got[(spec.headline, None)]
+    assert head.ci_low > 0.4 and head.ci_low <= head.value <= head.ci_high
+    assert got[("probe.selectivity@10", None)].value > 0.5  # random control tags cannot be learnt
+    assert got[("probe.full_accuracy", None)].value > 0.9
+
+
+def test_quick_spec_end_to_end_gives_every_metric_with_intervals(tiny_bert, tmp_cache):
+    records = _run(tiny_bert, get_method("probeless"), tmp_cache)
+    got = _by_metric(records)
+    assert all(r.status == "ok" and r.task == "probe" for r in records)
+    for k in QUICK.param("ks"):
+        for cond in probe.CONDITIONS:
+            for m in ("acc", "control_acc", "selectivity"):
+                assert (f"probe.{m}.{cond}", k) in got
+    for name in ("full_accuracy", "full_control_accuracy", "full_selectivity", "top_minus_bottom@10",
+                 "selectivity@10"):
+        r = got[(f"probe.{name}", None)]
+        assert r.ci_low <= r.value <= r.ci_high, r
+    assert 0 < got[("probe.full_accuracy", None)].value <= 1
+    sel = got[("probe.selectivity.top", 0.1)].value
+    assert sel == pytest.approx(got[("probe.acc.top", 0.1)].value - got[("probe.control_acc.top", 0.1)].value)
+
+
+def test_same_seed_gives_identical_records_and_another_seed_other_random_sets(tiny_bert, tmp_cache):
+    first = _run(tiny_bert, get_method("activation"), tmp_cache, seed=1)
+    assert first == _run(tiny_bert, get_method("activation"), tmp_cache, seed=1)
+    other = _by_metric(_run(tiny_bert, get_method("activation"), tmp_cache, seed=2))
+    key = ("probe.acc.random", 0.1)
+    assert other[key].value != _by_metric(first)[key].value
+
+
+def test_the_hidden_split_scores_other_sentences_on_the_same_probe_training(tiny_bert, tmp_cache):
+    spec = dataclasses.replace(QUICK, model=tiny_bert.name)
+    corpus = data.load(spec.data, spec.split_seed)
+    train = data.subsample(corpus.splits["train"], spec.param("train_sentences"), spec.split_seed)
+    public, hidden = (probe.prepare(spec, _env(tiny_bert, tmp_cache, **kw), tiny_bert, corpus, train, "t")
+                      for kw in ({}, {"split": "hidden", "hidden_seed": 1234}))
+    assert len(public.test_rows) == spec.param("n_test")
+    assert not set(public.test_rows) & set(hidden.test_rows)
+    assert torch.equal(public.x_train, hidden.x_train)
+    assert hidden.x_test.shape[0] == len(hidden.sentence) == sum(hidden.words_per_sentence)
+
+
+def test_methods_without_relevance_or_without_stages_are_not_applicable(tiny_bert, tmp_cache):
+    for method in (StagesOnly(), get_method("txray")):
+        (only,) = _run(tiny_bert, method, tmp_cache)
+        assert only.metric == "probe.not_applicable" and only.status == "not_applicable" and only.value is None
+
+
+# ---------------------------------------------------------------- the real model
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_lca_top_neurons_beat_its_bottom_neurons_and_are_selective_on_minilm(tmp_cache):
+    # The full protocol at the headline's k only, one random seed: the headlines need no more.
+    spec = _spec(probe.SPEC, ks=(0.1,), random_seeds=1, bootstrap=300)
+    records = probe.score(spec, get_method("lca"), RunEnv(seed=0, cache=tmp_cache, progress=False))
+    got = _by_metric(records)
+    head, sel = got[("probe.top_minus_bottom@10", None)], got[("probe.selectivity@10", None)]
+    assert head.value > 0.05 and head.ci_low > 0, head
+    assert sel.value > 0 and sel.ci_low > 0, sel
+    assert got[("probe.full_accuracy", None)].value > 0.85
