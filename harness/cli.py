@@ -136,6 +136,10 @@ def _run(args) -> int:
         print(summary(frame))
     print(f"{len(frame)} records in {time.perf_counter() - start:.0f} s; written to {args.out}/"
           f"{{results.parquet,config.json}}")
+    if not args.no_report:
+        from .report import write_report
+
+        print(f"report: {write_report(Path(args.out))}")
     return 0
 
 
@@ -243,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny models, fewer k, seeds and examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/latest", help="folder for results.parquet and config.json")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html into --out")
     p.set_defaults(fn=_run)
     p = sub.add_parser("methods", help="list the registered methods and their verbs")
     p.set_defaults(fn=_methods)
@@ -258,8 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .regress import add_regress_parser
     from .sanity import add_sanity_parser
     from .zoo import add_zoo_parser
+    from .report import add_report_parser
+    from neuronbench.leaderboard.board import add_leaderboard_parser
+    from neuronbench.leaderboard.cli import add_submit_parser
 
     add_zoo_parser(sub)
+    add_report_parser(sub)
+    add_leaderboard_parser(sub)
+    add_submit_parser(sub)
     add_sanity_parser(sub)
     add_regress_parser(sub)
     p = sub.add_parser("cache", help="list or clear cached statistics")
