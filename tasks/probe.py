@@ -44,6 +44,7 @@ from neuronbench.harness.data import load, subsample
 from neuronbench.harness.method import Method, MethodContext, NotApplicable, call_verb
 from neuronbench.harness.metrics import bootstrap_ci
 from neuronbench.harness.models import LoadedModel, load_model
+from neuronbench.harness.ranking import rank_neurons, set_size
 from neuronbench.harness.records import Record
 from neuronbench.harness.task import RunEnv, TaskSpec, record, register_task
 
@@ -67,24 +68,10 @@ TOP, RANDOM, BOTTOM = "top", "random", "bottom"
 CONDITIONS = (TOP, RANDOM, BOTTOM)
 TASK, CONTROL = "task", "control"
 HEADLINE_K = 0.1
-_TIE_STREAM, _RANDOM_STREAM, _BOOT_STREAM = 0, 1, 2
+_RANDOM_STREAM, _BOOT_STREAM = 1, 2  # the tie-breaking stream is ranking.TIE_STREAM (0)
 
 
 # --------------------------------------------------------------------------- neuron sets
-
-def set_size(k: float, n_neurons: int) -> int:
-    """Neurons in a k-set: round(k * n), at least 1."""
-    if not 0 < k <= 1:
-        raise ValueError(f"probe fraction k={k!r} must be in (0, 1], e.g. 0.1 for 10% of the neurons")
-    return max(1, round(k * n_neurons))
-
-
-def rank_neurons(scores: torch.Tensor, seed: int) -> np.ndarray:
-    """Flat neuron ids, most relevant first; ties broken by a permutation seeded by `seed`."""
-    values = scores.detach().double().cpu().numpy()
-    tie = np.random.default_rng([seed, _TIE_STREAM]).permutation(len(values))
-    return tie[np.argsort(-values[tie], kind="stable")]
-
 
 def neuron_sets(scores: torch.Tensor, ks, n_seeds: int, seed: int) -> dict[tuple[str, float], list[np.ndarray]]:
     """(condition, k) -> sorted flat ids: one set for top and bottom, one per seed for random."""

@@ -19,6 +19,7 @@ from neuronbench.harness.intervene import ABLATION_MODES, MaskSet, evaluate_mask
 from neuronbench.harness.method import Method, MethodContext, NotApplicable, call_verb
 from neuronbench.harness.metrics import bootstrap_ci
 from neuronbench.harness.models import LoadedModel
+from neuronbench.harness.ranking import rank_neurons, set_size
 from neuronbench.harness.records import Record
 from neuronbench.harness.sites import NeuronIndex, Site
 from neuronbench.harness.task import RunEnv, TaskSpec, record, register_task
@@ -49,22 +50,7 @@ CONDITIONS = (TOP, BOTTOM, RANDOM_UNIFORM, RANDOM_MATCHED, RANDOM_MATCHED_BOTTOM
 # pass's speed (the masks cost nothing measurable); 64k is slower.
 EVAL_MAX_TOKENS = 8192
 # Stream tags, so that tie-breaking and random sets never share a generator with each other.
-_TIE_STREAM, _RANDOM_STREAM, _BOOT_STREAM = 0, 1, 2
-
-
-def set_size(k: float, n_neurons: int) -> int:
-    """Neurons in a k-set: round(k * n), at least 1."""
-    if not 0 < k <= 1:
-        raise ValueError(f"prune fraction k={k!r} must be in (0, 1], e.g. 0.05 for 5% of the neurons")
-    return max(1, round(k * n_neurons))
-
-
-def rank_neurons(scores: torch.Tensor, seed: int) -> np.ndarray:
-    """Flat neuron ids, most relevant first; ties are broken by a seeded random permutation (so a
-    method with constant scores does not get the first layer's neurons as its top set)."""
-    values = scores.detach().double().cpu().numpy()
-    tie = np.random.default_rng([seed, _TIE_STREAM]).permutation(len(values))
-    return tie[np.argsort(-values[tie], kind="stable")]
+_RANDOM_STREAM, _BOOT_STREAM = 1, 2  # the tie-breaking stream is ranking.TIE_STREAM (0)
 
 
 def site_orders(index: NeuronIndex, perm: np.ndarray) -> dict[Site, np.ndarray]:
