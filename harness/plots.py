@@ -88,7 +88,7 @@ def _curves(frame: pl.DataFrame, lines: dict[str, tuple[str, str]], xlabel: str,
 
 def prune_plot(frame: pl.DataFrame) -> bytes | None:
     """Test-accuracy drop against the fraction of FFN neurons ablated, per condition."""
-    conditions = ("top", "bottom", "random_uniform", "random_matched", "random_matched_bottom")
+    conditions = ("top", "bottom", "random_uniform", "random_matched")
     styles = ("-", "-", "--", "--", ":")
     lines = {f"prune.acc_drop.{c}": (c, s) for c, s in zip(conditions, styles)}
     return _curves(frame, lines, "fraction of neurons ablated", "accuracy drop", log_x=True)

@@ -130,7 +130,7 @@ HEADLINES = {"prune": "prune.gap_auc", "ppl-trend": "ppl-trend.spearman", "descr
 def _task_metrics(task: str) -> list[tuple[str, float | None]]:
     """(metric, k) of every record a task writes, as its scoring function names them."""
     if task == "prune":
-        conds = ("top", "bottom", "random_uniform", "random_matched", "random_matched_bottom")
+        conds = ("top", "bottom", "random_uniform", "random_matched")
         return [(f"prune.acc_drop.{c}", k) for c in conds for k in (0.01, 0.05, 0.2)] + [("prune.gap_auc", None)]
     if task == "ppl-trend":
         return ([("ppl-trend.valid_ppl", s) for s in (1, 2, 4, 8)] + [("ppl-trend.stage_change", s) for s in (2, 4, 8)]
