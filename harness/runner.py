@@ -97,8 +97,14 @@ def run_suite(config: RunConfig, progress: bool = True,
 
 
 def summary(frame: pl.DataFrame) -> pl.DataFrame:
-    """The tasks x methods table of headline metrics with intervals."""
+    """The tasks x methods table of headline metrics with intervals; the column of a task whose
+    stored sanity check failed (see `neuronbench sanity`) is marked `SANITY FAILED`."""
+    from .sanity import sanity_flags
+
     heads = {}
     for name in frame["task"].unique().to_list():
         heads[name] = TASKS.get(name).spec.headline
-    return headline_table(frame, heads)
+    table = headline_table(frame, heads)
+    hashes = dict(frame.select("task", "config_hash").unique(subset="task").iter_rows())
+    flagged = sanity_flags(hashes)
+    return table.rename({c: f"{c} SANITY FAILED" for c in table.columns if c.split(" ")[0] in flagged})

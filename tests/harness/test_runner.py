@@ -45,6 +45,18 @@ def test_run_writes_long_format_records_with_config_and_is_reproducible(tmp_path
     assert status == {"random": "ok", "activation": "not_applicable"}
     table = summary(frame)
     assert set(table["method"]) == {"random", "activation"}
+    assert not any("SANITY" in c for c in table.columns)
+
+
+def test_summary_flags_a_task_whose_sanity_check_failed(tmp_path, monkeypatch):
+    from neuronbench.harness import sanity
+
+    monkeypatch.setattr(sanity, "verdict_path", lambda task, fp: tmp_path / f"{task}-{fp}.json")
+    spec = TASKS.get("ppl-trend").spec.quick_version()
+    frame, _ = run_suite(RunConfig(tasks=("ppl-trend",), methods=("random",), quick=True), progress=False)
+    failing = sanity.Check("ppl-trend", "reinit", "m~reinit", 0.9, 0.8, 1.0, 0.0)
+    sanity.store_verdict(spec, [failing])
+    assert [c for c in summary(frame).columns if "SANITY FAILED" in c] == ["ppl-trend (ppl-trend.spearman) SANITY FAILED"]
 
 
 def test_changed_spec_changes_fingerprint_and_version_is_part_of_it():
