@@ -167,7 +167,13 @@ class Check:
             return "skill" if self.value is not None and not self.at_chance and self.value > self.no_skill else "no skill"
         if self.check == "permuted" and self.method.endswith("(n/a)"):
             return "n/a"
-        return "chance" if self.at_chance else "FAIL"
+        if self.check == "random":  # no skill either way: the interval must cover the no-skill value
+            return "chance" if self.at_chance else "FAIL"
+        # A perturbed method fails when skill survives (its interval lies above no skill); one
+        # whose interval lies below has lost its skill too, and is reported as such.
+        if self.at_chance:
+            return "chance"
+        return "FAIL" if self.value > self.no_skill else "below chance"
 
     def describe(self) -> str:
         ci = "" if self.ci_low is None else f" [{self.ci_low:+.3f}, {self.ci_high:+.3f}]"

@@ -123,7 +123,7 @@ def quick_results(tmp_path_factory) -> Path:
     return _quick_run(tmp_path_factory.getbasetemp() / "quick-run")
 
 
-HEADLINES = {"prune": "prune.gap_auc", "ppl-trend": "ppl-trend.spearman", "descriptors": "descriptors.data.p@2",
+HEADLINES = {"prune": "prune.gap_auc", "ppl-trend": "ppl-trend.spearman", "descriptors": "descriptors.data.p_gap@2",
              "probe": "probe.top_minus_bottom@10", "erasure": "erasure.comp_gap_mean"}
 
 
@@ -136,7 +136,7 @@ def _task_metrics(task: str) -> list[tuple[str, float | None]]:
         return ([("ppl-trend.valid_ppl", s) for s in (1, 2, 4, 8)] + [("ppl-trend.stage_change", s) for s in (2, 4, 8)]
                 + [("ppl-trend.spearman", None), ("ppl-trend.kendall", None)])
     if task == "descriptors":
-        return [(f"descriptors.{t}.{m}@{k}", k) for t in ("data", "planted") for m in ("p", "r", "chance_p", "chance_r")
+        return [(f"descriptors.{t}.{m}@{k}", k) for t in ("data", "planted") for m in ("p", "r", "chance_p", "chance_r", "p_gap")
                 for k in (1, 2, 5)]
     if task == "probe":
         return ([(f"probe.{m}.{c}", k) for m in ("acc", "selectivity") for c in ("top", "random", "bottom")

@@ -11,6 +11,8 @@ from neuronbench.harness.records import save_results, to_frame
 from neuronbench.harness.regress import RegressConfig, compare
 from neuronbench.harness.task import TASKS, RunEnv
 
+HEADLINE = TASKS.get("descriptors").spec.headline
+
 
 class WorseContrast(Contrast):
     """`contrast` with a bug: its descriptor lists come out in reverse order."""
@@ -41,7 +43,7 @@ def test_an_unchanged_method_passes_even_on_every_metric(runs):
 def test_a_worsened_method_is_a_regression(runs):
     table = compare(runs["worse"], runs["base"], RegressConfig(scope="headline", tolerance=0.01))
     row = table.row(0, named=True)
-    assert row["metric"] == "descriptors.data.p@2" and row["status"] == "regression"
+    assert row["metric"] == HEADLINE and row["status"] == "regression"
     assert row["change"] < -0.01 and row["outside_ci"]
     # the other way round it is an improvement: moved, not a regression
     better = compare(runs["base"], runs["worse"], RegressConfig(tolerance=0.01))
@@ -50,7 +52,7 @@ def test_a_worsened_method_is_a_regression(runs):
 
 def test_missing_rows_spec_changes_and_version_bumps(runs):
     base = runs["base"]
-    assert compare(base.filter(pl.col("metric") != "descriptors.data.p@2"), base)["status"].to_list() == ["missing"]
+    assert compare(base.filter(pl.col("metric") != HEADLINE), base)["status"].to_list() == ["missing"]
     edited = base.with_columns(pl.lit("0123456789abcdef").alias("config_hash"))
     assert compare(edited, base)["status"].to_list() == ["spec_changed"]
     bumped = base.with_columns(pl.lit(99).cast(pl.Int64).alias("task_version"))
@@ -59,7 +61,7 @@ def test_missing_rows_spec_changes_and_version_bumps(runs):
 
 def test_outside_ci_ignores_moves_within_the_interval(runs):
     base = runs["base"]
-    nudged = base.with_columns(pl.when(pl.col("metric") == "descriptors.data.p@2").then(pl.col("value") - 0.02)
+    nudged = base.with_columns(pl.when(pl.col("metric") == HEADLINE).then(pl.col("value") - 0.02)
                                .otherwise(pl.col("value")).alias("value"))
     assert compare(nudged, base, RegressConfig(tolerance=0.01))["status"].to_list() == ["regression"]
     assert compare(nudged, base, RegressConfig(tolerance=0.01, outside_ci=True))["status"].to_list() == ["ok"]
@@ -72,7 +74,7 @@ def test_cli_exit_codes_and_table(runs, tmp_path, capsys):
     assert "no regression" in capsys.readouterr().out
     assert main(["regress", str(tmp_path / "worse"), "--against", str(tmp_path / "base")]) == 1
     out = capsys.readouterr().out
-    assert "REGRESSION" in out and "descriptors.data.p@2" in out and "contrast" in out
+    assert "REGRESSION" in out and HEADLINE in out and "contrast" in out
     assert main(["regress", str(tmp_path / "nothing"), "--against", str(tmp_path / "base")]) == 2
     assert "no results.parquet" in capsys.readouterr().err
     with pytest.raises(ValueError, match="scope"):

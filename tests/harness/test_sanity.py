@@ -86,6 +86,8 @@ def test_check_verdicts():
     chance = Check("t", "reinit", "m~reinit", 0.01, -0.02, 0.05, 0.0)
     above = Check("t", "reinit", "m~reinit", 0.2, 0.1, 0.3, 0.0)
     assert chance.verdict == "chance" and above.verdict == "FAIL"
+    assert Check("t", "reinit", "m~reinit", -0.2, -0.3, -0.1, 0.0).verdict == "below chance"
+    assert Check("t", "random", "random", -0.2, -0.3, -0.1, 0.0).verdict == "FAIL"
     assert Check("t", "reference", "m", 0.2, 0.1, 0.3, 0.0).verdict == "skill"
     assert Check("t", "reference", "m", 0.01, -0.02, 0.05, 0.0).verdict == "no skill"
     assert Check("t", "random", "random", None, None, None, 0.0).verdict == "chance"  # undefined = no skill

@@ -14,6 +14,7 @@ from neuronbench.harness import __version__
 from neuronbench.harness.cli import main
 from neuronbench.harness.records import save_results
 from neuronbench.harness.sanity import verdict_path
+from neuronbench.harness.task import TASKS
 from neuronbench.leaderboard import board as lb
 
 __all__ = ["quick_results"]  # a shared session fixture
@@ -95,14 +96,16 @@ def test_a_broken_manifest_is_named(tmp_path):
 
 
 def test_a_task_version_mismatch_is_ranked_in_a_separate_column_and_warned(tmp_path):
-    v1 = write(tmp_path / "v1", synthetic_records(tasks=("prune",), methods=("alpha", "beta"), n_a=()))
-    v2 = write(tmp_path / "v2", synthetic_records(tasks=("prune",), methods=("gamma",), n_a=(), version=2))
+    installed = TASKS.get("prune").spec.version
+    v1 = write(tmp_path / "v1", synthetic_records(tasks=("prune",), methods=("alpha", "beta"), n_a=(),
+                                                  version=installed))
+    v2 = write(tmp_path / "v2", synthetic_records(tasks=("prune",), methods=("gamma",), n_a=(), version=installed + 1))
     board = lb.build_board([v1, v2])
     columns = board.cells.select("task_version", "config_hash").unique()
-    assert sorted(columns["task_version"]) == [1, 2]
+    assert sorted(columns["task_version"]) == [installed, installed + 1]
     assert board.cells.filter(pl.col("method") == "gamma")["rank"].to_list() == [1]  # alone in its column
     assert any("2 configurations" in w and "ranked apart" in w for w in board.warnings)
-    assert any("task version(s) [2]" in w for w in board.warnings)  # the installed prune is version 1
+    assert any(f"task version(s) [{installed + 1}]" in w for w in board.warnings)  # not the installed one
     assert lb.index_page(board).count('<th scope="col"') == 3
 
 

@@ -213,6 +213,21 @@ def test_fitted_units_fire_on_their_targets():
         assert np.median(out[targets[:, j], j]) > 2.0 and np.median(out[~targets[:, j], j]) < 0.1
 
 
+def test_shuffled_null_scores_lists_without_neuron_specific_knowledge():
+    rng = np.random.default_rng(0)
+    truth = {n: {"a"} if n % 2 else {"b"} for n in range(40)}
+    same = {n: ["a", "b"] for n in range(40)}  # one list for every neuron: no neuron-specific knowledge
+    null = D.shuffled_at_k(same, truth, (1, 2), rng)
+    assert np.allclose(null[1], D.at_k(same, truth, (1,))[1][0]) and np.allclose(null[2], 0.5)
+    oracle = {n: sorted(t) for n, t in truth.items()}
+    null = D.shuffled_at_k(oracle, truth, (1,), np.random.default_rng(1), n_shuffles=200)
+    assert abs(null[1].mean() - 0.5) < 0.05  # another neuron's list is right half of the time
+    recs = _values(D.part_records(D.SPEC, "m", 0, "data", oracle, truth, (1,), n_vocab=2, n_boot=50))
+    assert recs["descriptors.data.p@1"] == 1.0 and 0.4 < recs["descriptors.data.p_gap@1"] < 0.6
+    same_recs = _values(D.part_records(D.SPEC, "m", 0, "data", same, truth, (1,), n_vocab=2, n_boot=50))
+    assert same_recs["descriptors.data.p_gap@1"] == pytest.approx(0.0)
+
+
 # --------------------------------------------------------------------------- end to end
 
 def test_contrast_recovers_planted_descriptors_and_random_sits_at_chance(toy_runs):
@@ -225,6 +240,7 @@ def test_contrast_recovers_planted_descriptors_and_random_sits_at_chance(toy_run
     assert c["descriptors.data.n_scored"] > 0
     assert c["descriptors.data.p@1"] > r["descriptors.data.p@1"] + 0.3
     assert abs(r["descriptors.data.p@2"] - r["descriptors.data.chance_p@2"]) < 0.1
+    assert c["descriptors.data.p_gap@2"] > 0.2 and abs(r["descriptors.data.p_gap@2"]) < 0.1
 
 
 def test_records_carry_both_parts_with_intervals(toy_runs, toy_spec):
