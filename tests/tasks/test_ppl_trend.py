@@ -48,7 +48,7 @@ def test_same_seed_same_records(env):
 
 
 def test_a_method_without_stage_change_is_not_applicable(env):
-    from neuronbench.harness.runner import _one
+    from neuronbench.harness.runner import run_one
 
     class RelevanceOnly(Method):
         name = "relevance-only"
@@ -56,5 +56,5 @@ def test_a_method_without_stage_change_is_not_applicable(env):
         def relevance(self, ctx):
             raise AssertionError("never asked")
 
-    records = _one(TASK, TASK.spec.quick_version(), RelevanceOnly(), env)
+    records = run_one(TASK, TASK.spec.quick_version(), RelevanceOnly(), env)
     assert [r.status for r in records] == ["not_applicable"]
