@@ -48,7 +48,12 @@ def resolve_spec(task: Task, config: RunConfig) -> TaskSpec:
 
 
 def run_one(task: Task, spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
-    """`task` scored for `method`, or its not-applicable record."""
+    """`task` scored for `method`, or its not-applicable record; every record says which scoring
+    split (`env.split`) scored it."""
+    return [replace(r, split=env.split) for r in _score(task, spec, method, env)]
+
+
+def _score(task: Task, spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     if not method.supports(spec.verb):
         log.info("%s does not implement %s: not applicable to %s", method.name, spec.verb, spec.name)
         return [record(spec, method.name, f"{spec.name}.not_applicable", None, env.seed, status="not_applicable")]
@@ -83,7 +88,7 @@ def run_suite(config: RunConfig, progress: bool = True,
             start = time.perf_counter()
             if progress:
                 print(f"[{task.spec.name}] {method.name} ...", flush=True)
-            records.extend(replace(r, split=env.split) for r in run_one(task, spec, method, env))
+            records.extend(run_one(task, spec, method, env))
             timings[f"{spec.name}/{method.name}"] = round(time.perf_counter() - start, 2)
     specs = {t.spec.name: asdict(resolve_spec(t, config)) for t in tasks}
     record_config = {"run_id": run_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -205,7 +205,7 @@ def check_task(task: Task, spec: TaskSpec, env: RunEnv,
         methods["permuted"] = Perturbed(ref, "permuted", env.seed)
     records = []
     for method in methods.values():
-        records.extend(replace(r, split=env.split) for r in run_one(task, spec, method, env))
+        records.extend(run_one(task, spec, method, env))
     frame = to_frame(records, "sanity")
     checks = [_headline(frame, spec, check, m.name) for check, m in methods.items()]
     if "permuted" not in methods:

@@ -106,6 +106,6 @@ def _replay_tasks(folder: Path, man: dict, names: list[str], env: RunEnv, progre
         start = time.perf_counter()
         if progress:
             print(f"[score {name}] {replay.name} ({env.split}) ...", flush=True)
-        records.extend(replace(r, split=env.split) for r in run_one(task, spec, replay, env))
+        records.extend(run_one(task, spec, replay, env))
         seconds[name] = round(time.perf_counter() - start, 2)
     return records, seconds, specs
