@@ -42,9 +42,10 @@ class RegressConfig:
 
 
 def _headlines(frame: pl.DataFrame) -> pl.DataFrame:
-    names = {t: TASKS.get(t).spec.headline for t in frame["task"].unique().to_list() if t in TASKS.names()}
-    return frame.filter(pl.struct("task", "metric").map_elements(
-        lambda r: names.get(r["task"]) == r["metric"], return_dtype=pl.Boolean))
+    tasks = [t for t in frame["task"].unique().to_list() if t in TASKS.names()]
+    heads = pl.DataFrame({"task": tasks, "metric": [TASKS.get(t).spec.headline for t in tasks]},
+                         schema={"task": pl.Utf8, "metric": pl.Utf8})
+    return frame.join(heads, on=["task", "metric"], how="semi")
 
 
 def compare(new: pl.DataFrame, old: pl.DataFrame, config: RegressConfig = RegressConfig()) -> pl.DataFrame:
