@@ -260,6 +260,28 @@ def subsample(dataset: datasets.Dataset, n: int, seed: int = 0) -> datasets.Data
     return dataset.select(keep)
 
 
+LABEL_COLUMNS = ("label", "word_labels", "word_descriptors")
+
+
+def permute_labels(data: datasets.Dataset, key: Sequence[int]) -> datasets.Dataset:
+    """`data` with its labels shuffled within the split by a generator seeded with `key`: sentence
+    labels across sentences, word labels (and word descriptors) across all words, each sentence
+    keeping its length. Text, words and every other column are unchanged."""
+    rng = np.random.default_rng(list(key))
+    for column in (c for c in LABEL_COLUMNS if c in data.column_names):
+        values = data[column]
+        if column == "label":
+            shuffled = [values[i] for i in rng.permutation(len(values))]
+        else:
+            flat = [v for row in values for v in row]
+            order, ends = rng.permutation(len(flat)), np.cumsum([len(row) for row in values])
+            pool = [flat[i] for i in order]
+            shuffled = [pool[e - len(row):e] for row, e in zip(values, ends)]
+        feature = data.features[column]
+        data = data.remove_columns(column).add_column(column, shuffled, feature=feature)
+    return data
+
+
 def _check_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r} must be a non-negative integer, e.g. 0")

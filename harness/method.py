@@ -55,6 +55,9 @@ class MethodContext:
         label_names: names of the label ids, or None.
         parent: the earlier stage (pre-trained parent, previous checkpoint), or None.
         concept: which label/concept relevance is asked for, or None for the task as a whole.
+        labelling: which labels `data` carries: None for the split's own, or a task's name for a
+            relabelled copy (e.g. `permuted:0`, the first permutation of a task's label null). It
+            keys recorded answers (submissions); a method has no need to read it.
         cache: the activation cache.
         collect_defaults: batching settings for `collect`.
     """
@@ -67,6 +70,7 @@ class MethodContext:
     label_names: tuple[str, ...] | None = None
     parent: LoadedModel | None = None
     concept: str | None = None
+    labelling: str | None = None
     cache: Cache | None = None
     collect_defaults: dict = field(default_factory=dict)
 

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import datasets
-import numpy as np
 import polars as pl
 import torch
 
 from . import paths
 from .cache import Cache
+from .data import permute_labels
 from .method import Method, MethodContext, get_method
 from .models import LoadedModel
 from .records import save_results, to_frame
@@ -63,7 +63,6 @@ def sanity_flags(fingerprints: dict[str, str]) -> dict[str, str]:
 REFERENCE = {"relevance": "lca", "descriptors": "contrast", "stage_change": "weight-distance",
              "attribute_positions": "gradxact"}
 CHECKS = ("random", "reference", "reinit", "permuted")
-LABEL_COLUMNS = ("label", "word_labels", "word_descriptors")
 
 
 def reinitialised(loaded: LoadedModel, seed: int) -> LoadedModel:
@@ -81,21 +80,8 @@ def reinitialised(loaded: LoadedModel, seed: int) -> LoadedModel:
 
 
 def permuted_labels(data: datasets.Dataset, seed: int) -> datasets.Dataset:
-    """`data` with its labels shuffled within the split: sentence labels across sentences, word
-    labels (and word descriptors) across all words, each sentence keeping its length."""
-    rng = np.random.default_rng([seed, 7])
-    for column in (c for c in LABEL_COLUMNS if c in data.column_names):
-        values = data[column]
-        if column == "label":
-            shuffled = [values[i] for i in rng.permutation(len(values))]
-        else:
-            flat = [v for row in values for v in row]
-            order, ends = rng.permutation(len(flat)), np.cumsum([len(row) for row in values])
-            pool = [flat[i] for i in order]
-            shuffled = [pool[e - len(row):e] for row, e in zip(values, ends)]
-        feature = data.features[column]
-        data = data.remove_columns(column).add_column(column, shuffled, feature=feature)
-    return data
+    """`data` with its labels shuffled within the split (`data.permute_labels`), seeded by `seed`."""
+    return permute_labels(data, (seed, 7))
 
 
 class Perturbed(Method):

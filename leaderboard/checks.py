@@ -119,35 +119,38 @@ def _unflat(facts: TaskFacts, flat: int) -> str:
 
 def check_relevance(out: list[Problem], file: str, frame: pl.DataFrame, facts: TaskFacts) -> None:
     flat = _locate_neurons(out, file, frame, facts)
-    _duplicates(out, file, frame, ["concept", "answer_row", "site_kind", "layer", "index"], "index", "neuron")
+    _duplicates(out, file, frame, ["concept", "labelling", "answer_row", "site_kind", "layer", "index"], "index",
+                "neuron")
     flag_rows(out, file, "answer_row", frame["answer_row"].fill_null(0).to_numpy() < 0, "answer_row must be >= 0")
     stray = frame["answer_row"].is_null() & frame["answer_concept"].is_not_null()
     flag_rows(out, file, "answer_concept", stray.to_numpy(), "answer_concept names a row of a per-concept answer; "
                                                             "leave it null when answer_row is null")
     frame = frame.with_columns(_flat=pl.Series(flat))
-    if facts.concept not in frame["concept"].to_list():
+    if facts.concept not in frame.filter(pl.col("labelling").is_null())["concept"].to_list():
         out.append(Problem(file, f"no answer for concept {facts.concept!r}, which the task asks "
                                  "(null: the task as a whole)", field="concept"))
-    n_groups = frame.select(pl.struct("concept", "answer_row").n_unique()).item()
+    n_groups = frame.select(pl.struct("concept", "labelling", "answer_row").n_unique()).item()
     if n_groups > MAX_GROUPS:
-        out.append(Problem(file, f"{n_groups} (concept, answer_row) answers; at most {MAX_GROUPS}", field="concept"))
+        out.append(Problem(file, f"{n_groups} (concept, labelling, answer_row) answers; at most {MAX_GROUPS}",
+                           field="concept"))
         return
-    for (concept,), part in frame.group_by(["concept"], maintain_order=True):
+    for (concept, labelling), part in frame.group_by(["concept", "labelling"], maintain_order=True):
+        what = f"concept {concept!r}" + ("" if labelling is None else f" with labelling {labelling!r}")
         answer_rows = part["answer_row"].unique().to_list()
         if None in answer_rows and len(answer_rows) > 1:
-            out.append(Problem(file, f"concept {concept!r} mixes a single-row answer (answer_row null) with "
+            out.append(Problem(file, f"{what} mixes a single-row answer (answer_row null) with "
                                      "per-concept rows", field="answer_row"))
         elif None not in answer_rows and sorted(answer_rows) != list(range(len(answer_rows))):
-            out.append(Problem(file, f"concept {concept!r}: answer_row values {sorted(answer_rows)[:10]} "
+            out.append(Problem(file, f"{what}: answer_row values {sorted(answer_rows)[:10]} "
                                      "must be 0..R-1", field="answer_row"))
         for (r,), sub in part.group_by(["answer_row"], maintain_order=True):
             if sub["answer_concept"].n_unique() > 1:
-                out.append(Problem(file, f"concept {concept!r} row {r}: answer_concept differs between rows",
+                out.append(Problem(file, f"{what} row {r}: answer_concept differs between rows",
                                    field="answer_concept"))
             have = np.unique(sub["_flat"].to_numpy())
             missing = np.setdiff1d(np.arange(facts.index.size), have)
             if len(missing):
-                out.append(Problem(file, f"missing neurons: concept {concept!r} row {r} scores {len(have[have >= 0])} "
+                out.append(Problem(file, f"missing neurons: {what} row {r} scores {len(have[have >= 0])} "
                                          f"of the task's {facts.index.size} neurons (first missing: "
                                          f"{_unflat(facts, missing[0])})", field="index"))
 

@@ -1,7 +1,8 @@
 """Methods that record or replay outputs: `Recorder` wraps a real method at export and keeps what
 each verb call returned; `Replay` answers the same calls from a submission's data, running no code.
 
-A call is identified by: relevance, the concept asked (`ctx.concept`); stage_change, the steps of
+A call is identified by: relevance, the concept asked (`ctx.concept`) and the labelling of the
+split (`ctx.labelling`: None, or a task's label null such as `permuted:0`); stage_change, the steps of
 the two checkpoints; descriptors, the neurons of `ctx.index`; attribute_positions, the layer and
 the `id` of each example of `ctx.data`.
 """
@@ -78,7 +79,8 @@ class Recorder(Method):
         out = self.inner.relevance(ctx)
         check_output(self.name, "relevance", ctx, out)
         scores = out.scores.detach().double().cpu().numpy()
-        self._keep("relevance", ctx.concept, (out.index, scores, out.concepts if scores.ndim == 2 else None))
+        self._keep("relevance", (ctx.concept, ctx.labelling),
+                   (out.index, scores, out.concepts if scores.ndim == 2 else None))
         return out
 
     def stage_change(self, ctx: MethodContext) -> float:
@@ -119,12 +121,13 @@ def _neuron_rows(rows: dict[str, list], index: NeuronIndex, flat: np.ndarray) ->
         rows["index"].append(i)
 
 
-def _relevance_rows(rows, concept, value) -> None:
-    index, scores, concepts = value
+def _relevance_rows(rows, key, value) -> None:
+    (concept, labelling), (index, scores, concepts) = key, value
     answer_rows = [None] if scores.ndim == 1 else list(range(len(scores)))
     for r in answer_rows:
         n = index.size
         rows["concept"] += [concept] * n
+        rows["labelling"] += [labelling] * n
         rows["answer_row"] += [r] * n
         rows["answer_concept"] += [None if r is None else concepts[r]] * n
         _neuron_rows(rows, index, np.arange(n))
@@ -170,9 +173,11 @@ class Replay(Method):
 
     def __init__(self, name: str, verb: str, frame: pl.DataFrame, source: str = "submission"):
         self.name, self.verb, self.source = name, verb, source
+        frame = frame.with_columns(pl.lit(None, c.dtype).alias(c.name) for c in COLUMNS[verb]
+                                   if c.name not in frame.columns)  # absent optional columns
         frame = frame.sort([c.name for c in COLUMNS[verb] if c.name not in ("score", "descriptor")],
                            nulls_last=False)
-        key = {"relevance": ["concept"], "stage_change": ["from_step", "to_step"], "descriptors": [],
+        key = {"relevance": ["concept", "labelling"], "stage_change": ["from_step", "to_step"], "descriptors": [],
                "attribute_positions": ["layer", "example_id"]}[verb]
         self._parts = {k: part for k, part in frame.group_by(key, maintain_order=True)} if key else {(): frame}
 
@@ -187,7 +192,8 @@ class Replay(Method):
         return self._parts[key]
 
     def relevance(self, ctx: MethodContext) -> NeuronScores:
-        part = self._part((ctx.concept,), f"relevance of concept {ctx.concept!r}")
+        labelling = "" if ctx.labelling is None else f" with labelling {ctx.labelling!r}"
+        part = self._part((ctx.concept, ctx.labelling), f"relevance of concept {ctx.concept!r}{labelling}")
         index = ctx.index
         rows = part["answer_row"].unique(maintain_order=True).to_list()
         scores = np.stack([self._vector(index, part.filter(pl.col("answer_row").eq_missing(r))) for r in rows])

@@ -51,6 +51,7 @@ def _neuron() -> tuple[Column, ...]:
 
 COLUMNS: dict[str, tuple[Column, ...]] = {
     "relevance": (Column("concept", pl.String, required=False, nullable=True),
+                  Column("labelling", pl.String, required=False, nullable=True),
                   Column("answer_row", pl.Int64, required=False, nullable=True),
                   Column("answer_concept", pl.String, required=False, nullable=True),
                   *_neuron(), Column("score", pl.Float64)),

@@ -17,21 +17,30 @@ Protocol (fixed before measuring):
 - Neuron sets per k (a share of all resid neurons, round(k * N), at least 1): the method's top-k,
   its bottom-k, and `random_seeds` uniform random k-sets (seed i: a permutation drawn from
   (run seed + i), nested in k). The full-neuron probe is the reference.
+- Label null (version 2): the method is asked again `null_permutations` times with the train
+  split's word tags permuted across all words (`data.permute_labels`, key (run seed, 11, i);
+  `ctx.labelling` = `permuted:<i>`); those rankings' top-k and bottom-k are probed on the real
+  tags. `tmb_gap` = the method's top-minus-bottom minus their mean: what the POS labels buy.
+  Version 1's headline, top-minus-bottom alone, failed the sanity check (`lca` on permuted tags
+  kept +0.068 of +0.121: a probe fitted to noise still weights generally informative neurons). A
+  method that reads no labels ranks alike on permuted tags: gap 0, no null probe retrained.
 - Control task: every word type (exact string) gets a tag drawn from the token-level tag
   distribution of the train split, by hashing (split_seed, word) to a uniform number and inverting
   the distribution's CDF: a function of the type alone, the same in every split and run. The same
   recipe is trained on the same neuron sets with the control tags; selectivity = task accuracy -
   control accuracy.
+- Headline `probe.tmb_gap@10` (no skill 0), beside `probe.top_minus_bottom@10` and `selectivity@10`.
 - Scoring: `n_test` test sentences (`RunEnv.scoring_subset`; the hidden split scores others), all
   their words. Intervals: paired percentile bootstrap over test sentences (words of one sentence
-  are not independent), random-set seeds resampled in every replicate (see `_Bootstrap`).
+  are not independent), random-set seeds and null permutations resampled in every replicate
+  (see `_Bootstrap`).
 - Method-independent probes (random sets, full) are trained once per run and shared (`RunEnv.memo`).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -40,7 +49,7 @@ import torch.nn.functional as F
 from neuronbench.harness.activations import collect_cached
 from neuronbench.harness.batching import encode
 from neuronbench.harness.collect import CollectConfig
-from neuronbench.harness.data import load, subsample
+from neuronbench.harness.data import load, permute_labels, subsample
 from neuronbench.harness.method import Method, MethodContext, NotApplicable, call_verb
 from neuronbench.harness.metrics import bootstrap_ci
 from neuronbench.harness.models import LoadedModel, load_model
@@ -54,21 +63,23 @@ log = logging.getLogger(__name__)
 # the whole split (801) for about 1 point of full-probe accuracy; 50 iterations change test accuracy
 # by < 0.5 points against 200. --quick: the tiny classifier's encoder (no head; see `encoder`).
 SPEC = TaskSpec(
-    name="probe", version=1, verb="relevance", model="minilm", data="wsj-pos", sites="resid",
-    headline="probe.top_minus_bottom@10", no_skill=0.0,
-    params=(("ks", (0.01, 0.05, 0.1, 0.2)), ("random_seeds", 5), ("n_test", 50), ("train_sentences", None),
-            ("probe_sentences", 400), ("l2", 1e-3), ("lbfgs_steps", 50), ("bootstrap", 1000),
-            ("alignment", "last")),
-    quick=(("model", "minilm-polarity-tiny"), ("ks", (0.1, 0.2)), ("random_seeds", 2), ("n_test", 20),
-           ("train_sentences", 60), ("lbfgs_steps", 15), ("bootstrap", 200)),
-    description="POS accuracy and control-task selectivity of a probe retrained on a method's top-k "
-                "resid neurons, vs its bottom-k and random-k")
+    name="probe", version=2, verb="relevance", model="minilm", data="wsj-pos", sites="resid",
+    headline="probe.tmb_gap@10", no_skill=0.0,
+    params=(("ks", (0.01, 0.05, 0.1, 0.2)), ("random_seeds", 5), ("null_permutations", 3), ("n_test", 50),
+            ("train_sentences", None), ("probe_sentences", 400), ("l2", 1e-3), ("lbfgs_steps", 50),
+            ("bootstrap", 1000), ("alignment", "last")),
+    quick=(("model", "minilm-polarity-tiny"), ("ks", (0.1, 0.2)), ("random_seeds", 2), ("null_permutations", 2),
+           ("n_test", 20), ("train_sentences", 60), ("lbfgs_steps", 15), ("bootstrap", 200)),
+    description="POS accuracy of a probe retrained on a method's top-k resid neurons minus its bottom-k, "
+                "beyond what the method's ranking on permuted tags gets; control-task selectivity")
 
 TOP, RANDOM, BOTTOM = "top", "random", "bottom"
 CONDITIONS = (TOP, RANDOM, BOTTOM)
 TASK, CONTROL = "task", "control"
 HEADLINE_K = 0.1
 _RANDOM_STREAM, _BOOT_STREAM = 1, 2  # the tie-breaking stream is ranking.TIE_STREAM (0)
+_NULL_STREAM = 11  # label permutations of the null (the sanity check's own permutation uses 7)
+NULL = "null"
 
 
 # --------------------------------------------------------------------------- neuron sets
@@ -84,6 +95,22 @@ def neuron_sets(scores: torch.Tensor, ks, n_seeds: int, seed: int) -> dict[tuple
         out[(BOTTOM, k)] = [np.sort(order[n - m:])]
         out[(RANDOM, k)] = [np.sort(p[:m]) for p in perms]
     return out
+
+
+def extreme_sets(scores: torch.Tensor, ks, seed: int) -> dict[tuple[str, float], np.ndarray]:
+    """(top|bottom, k) -> sorted flat ids of a ranking's k-sets (ties broken as in `neuron_sets`)."""
+    order, n = rank_neurons(scores, seed), len(scores)
+    out = {}
+    for k in ks:
+        m = set_size(k, n)
+        out[(TOP, k)], out[(BOTTOM, k)] = np.sort(order[:m]), np.sort(order[n - m:])
+    return out
+
+
+def null_context(ctx: MethodContext, seed: int, i: int) -> MethodContext:
+    """`ctx` with the word tags of its split permuted across all words: the i-th label null."""
+    return replace(ctx, data=permute_labels(ctx.data, (seed, _NULL_STREAM, i)),
+                   data_id=f"{ctx.data_id}~permuted:{seed}:{i}", labelling=f"permuted:{i}")
 
 
 def random_permutation(n: int, seed: int, i: int) -> np.ndarray:
@@ -271,34 +298,54 @@ def evaluate(spec: TaskSpec, env: RunEnv, data: ProbeData, sets, n_neurons: int)
     return out
 
 
+def null_counts(spec: TaskSpec, data: ProbeData, sets, counts: dict, nulls: list[torch.Tensor], ks,
+                seed: int) -> dict[tuple[str, float], np.ndarray]:
+    """(top|bottom, k) -> (P, n_sentences) task-correct counts of each permuted-label ranking's
+    k-set, P = len(nulls). A k-set equal to the method's own reuses its counts (a method that
+    reads no labels retrains nothing)."""
+    l2, steps = float(spec.param("l2")), int(spec.param("lbfgs_steps"))
+    rows: dict[tuple[str, float], list[np.ndarray]] = {(c, k): [] for c in (TOP, BOTTOM) for k in ks}
+    for scores in nulls:
+        extremes = extreme_sets(scores, ks, seed)
+        for (cond, k), out in rows.items():
+            members = extremes[(cond, k)]
+            same = np.array_equal(members, sets[(cond, k)][0])
+            out.append(counts[(cond, k, TASK)][0] if same else correct_counts(data, members, TASK, l2, steps))
+    return {key: np.stack(v) for key, v in rows.items()}
+
+
 class _Bootstrap:
-    """Paired percentile intervals over test sentences, resampling random-set seeds too.
+    """Paired percentile intervals over test sentences, resampling random-set seeds (or null
+    permutations) too.
 
     Every statistic sees the same replicates: the sentences through `metrics.bootstrap_ci` (seeded
     by `seed`) and the seeds from a generator restarted for every statistic, so intervals of
     differences (top - bottom, task - control) are paired.
     """
 
-    def __init__(self, words: np.ndarray, n_seeds: int, n_boot: int, seed: int):
-        self.words, self.n_seeds, self.n_boot, self.seed = words, n_seeds, n_boot, seed
+    def __init__(self, words: np.ndarray, n_boot: int, seed: int):
+        self.words, self.n_boot, self.seed = words, n_boot, seed
 
     def ci(self, per_seed: np.ndarray) -> tuple[float, float, float]:
         """(value, low, high) of the word accuracy (or accuracy difference) of correct counts
-        `per_seed` (S, n_sentences), averaged over the S rows."""
+        `per_seed` (S, n_sentences), averaged over the S rows (random seeds or null permutations,
+        resampled with the sentences)."""
         seeds = np.random.default_rng([self.seed, _BOOT_STREAM])
 
         def stat(ex: np.ndarray) -> float:
-            rows = per_seed[seeds.integers(0, self.n_seeds, self.n_seeds)] if len(per_seed) > 1 else per_seed
+            n = len(per_seed)
+            rows = per_seed[seeds.integers(0, n, n)] if n > 1 else per_seed
             return rows[:, ex].mean() / self.words[ex].mean()
 
         value = per_seed.mean() / self.words.mean()
         return (float(value), *bootstrap_ci(stat, len(self.words), self.n_boot, self.seed))
 
 
-def summarise(spec: TaskSpec, method: str, seed: int, counts: dict, ks, n_neurons: int,
+def summarise(spec: TaskSpec, method: str, seed: int, counts: dict, nulls: dict, ks, n_neurons: int,
               boot: _Bootstrap) -> list[Record]:
-    """Accuracy, control accuracy and selectivity per condition and k, the full probe's, and the
-    headlines `probe.top_minus_bottom@10` and `probe.selectivity@10`, each with its interval."""
+    """Accuracy, control accuracy and selectivity per condition and k, top-minus-bottom with its
+    label null and their gap per k, the full probe's, and the headline `probe.tmb_gap@10` beside
+    `probe.top_minus_bottom@10` and `probe.selectivity@10`, each with its interval."""
     def rec(metric: str, per_seed: np.ndarray, k: float | None = None) -> Record:
         value, low, high = boot.ci(per_seed)
         return record(spec, method, metric, value, seed, k=k, ci_low=low, ci_high=high)
@@ -312,13 +359,17 @@ def summarise(spec: TaskSpec, method: str, seed: int, counts: dict, ks, n_neuron
             task, control = counts[(cond, k, TASK)], counts[(cond, k, CONTROL)]
             out += [rec(f"probe.acc.{cond}", task, k), rec(f"probe.control_acc.{cond}", control, k),
                     rec(f"probe.selectivity.{cond}", task - control, k)]
+        tmb, null_tmb = counts[(TOP, k, TASK)] - counts[(BOTTOM, k, TASK)], nulls[(TOP, k)] - nulls[(BOTTOM, k)]
+        out += [rec("probe.top_minus_bottom", tmb, k), rec(f"probe.top_minus_bottom.{NULL}", null_tmb, k),
+                rec("probe.tmb_gap", tmb - null_tmb, k)]
     top, bottom = counts[(TOP, HEADLINE_K, TASK)], counts[(BOTTOM, HEADLINE_K, TASK)]
-    out.append(rec(spec.headline, top - bottom))
+    out.append(rec(spec.headline, top - bottom - (nulls[(TOP, HEADLINE_K)] - nulls[(BOTTOM, HEADLINE_K)])))
+    out.append(rec("probe.top_minus_bottom@10", top - bottom))
     out.append(rec("probe.selectivity@10", top - counts[(TOP, HEADLINE_K, CONTROL)]))
     return out
 
 
-def _params(spec: TaskSpec) -> tuple[tuple[float, ...], int, int]:
+def _params(spec: TaskSpec) -> tuple[tuple[float, ...], int, int, int]:
     ks = tuple(float(k) for k in spec.param("ks"))
     for k in ks:
         set_size(k, 1)
@@ -327,10 +378,11 @@ def _params(spec: TaskSpec) -> tuple[tuple[float, ...], int, int]:
     n_seeds = spec.param("random_seeds")
     if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
         raise ValueError(f"probe: random_seeds={n_seeds!r} must be a positive integer")
-    for name in ("lbfgs_steps", "bootstrap"):
-        if int(spec.param(name)) < 1:
-            raise ValueError(f"probe: {name}={spec.param(name)!r} must be a positive integer")
-    return ks, n_seeds, int(spec.param("bootstrap"))
+    for name in ("lbfgs_steps", "bootstrap", "null_permutations"):
+        value = spec.param(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"probe: {name}={value!r} must be a positive integer")
+    return ks, n_seeds, int(spec.param("null_permutations")), int(spec.param("bootstrap"))
 
 
 def _not_applicable(spec: TaskSpec, method: Method, seed: int, why: str) -> list[Record]:
@@ -340,9 +392,10 @@ def _not_applicable(spec: TaskSpec, method: Method, seed: int, why: str) -> list
 
 @register_task(SPEC)
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
-    """Rank the resid neurons with `method.relevance` (train split), retrain the probe on the
-    top/bottom/random k-sets, and score task and control accuracy on the test split."""
-    ks, n_seeds, n_boot = _params(spec)
+    """Rank the resid neurons with `method.relevance` (train split, then its permuted-label
+    copies), retrain the probe on the top/bottom/random k-sets, and score task and control
+    accuracy on the test split."""
+    ks, n_seeds, n_null, n_boot = _params(spec)
     if method.needs.stages and spec.parent is None:
         return _not_applicable(spec, method, env.seed, f"{method.name} compares stages; probe has one model")
     corpus = load(spec.data, spec.split_seed)
@@ -358,8 +411,10 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     answer = call_verb(method, spec.verb, ctx)
     if isinstance(answer, NotApplicable):
         return _not_applicable(spec, method, env.seed, str(answer))
+    null_scores = [call_verb(method, spec.verb, null_context(ctx, env.seed, i)).overall() for i in range(n_null)]
     data = env.memo(("probe", spec.fingerprint(), "data"), lambda: prepare(spec, env, model, corpus, train, train_id))
     sets = neuron_sets(answer.overall(), ks, n_seeds, env.seed)
     counts = evaluate(spec, env, data, sets, ctx.index.size)
-    boot = _Bootstrap(data.words_per_sentence, n_seeds, n_boot, env.seed)
-    return summarise(spec, method.name, env.seed, counts, ks, ctx.index.size, boot)
+    nulls = null_counts(spec, data, sets, counts, null_scores, ks, env.seed)
+    boot = _Bootstrap(data.words_per_sentence, n_boot, env.seed)
+    return summarise(spec, method.name, env.seed, counts, nulls, ks, ctx.index.size, boot)

@@ -3,6 +3,7 @@ records of the method itself; the hidden split; a tampered submission earns what
 export is atomic; record/replay units on a tiny model; the `submit` command line."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import datasets
@@ -168,6 +169,31 @@ def test_relevance_replays_exactly_what_was_recorded(ctx, rows, concepts):
     assert replay.supports("relevance") and not replay.supports("descriptors")
     with pytest.raises(ReplayError, match="no answer for relevance of concept 'positive'"):
         replay.relevance(MethodContext(ctx.model, ctx.sites, ctx.data, "unit", concept="positive"))
+
+
+class _ByLabelling(Method):
+    """A different answer for every labelling of the split (as a method that reads the labels gives)."""
+
+    name = "by-labelling"
+
+    def relevance(self, ctx):
+        shift = 0.0 if ctx.labelling is None else 1.0 + int(ctx.labelling.partition(":")[2])
+        return NeuronScores(ctx.index, torch.arange(ctx.index.size, dtype=torch.float32) + shift)
+
+
+def test_relevance_answers_are_kept_apart_by_labelling(ctx):
+    recorder = Recorder(_ByLabelling())
+    contexts = [dataclasses.replace(ctx, labelling=lab) for lab in (None, "permuted:0", "permuted:1")]
+    want = [recorder.relevance(c).scores for c in contexts]
+    frame = recorder.frame("relevance")
+    assert frame["labelling"].unique().sort(nulls_last=True).to_list() == ["permuted:0", "permuted:1", None]
+    replay = Replay("by-labelling", "relevance", frame)
+    for c, w in zip(contexts, want):
+        assert torch.equal(replay.relevance(c).scores, w.double())
+    with pytest.raises(ReplayError, match="labelling 'permuted:2'"):
+        replay.relevance(dataclasses.replace(ctx, labelling="permuted:2"))
+    legacy = Replay("by-labelling", "relevance", frame.filter(pl.col("labelling").is_null()).drop("labelling"))
+    assert torch.equal(legacy.relevance(ctx).scores, want[0].double())  # files without the optional column
 
 
 def test_positions_replay_by_example_id_and_layer(ctx):

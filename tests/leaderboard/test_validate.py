@@ -201,7 +201,7 @@ INDEX = NeuronIndex.build({Site.ffn(0): 3, Site.ffn(1): 2})
 
 
 def _relevance(**cols) -> pl.DataFrame:
-    base = {"concept": [None] * 5, "answer_row": [None] * 5, "answer_concept": [None] * 5,
+    base = {"concept": [None] * 5, "labelling": [None] * 5, "answer_row": [None] * 5, "answer_concept": [None] * 5,
             "site_kind": ["ffn"] * 5, "layer": [0, 0, 0, 1, 1], "index": [0, 1, 2, 0, 1], "score": [0.1] * 5}
     return sub.to_schema("relevance", {**base, **cols})
 
@@ -215,6 +215,17 @@ def test_per_concept_relevance_rows_must_be_consistent():
     assert any(p.field == "answer_concept" and p.row == 0 for p in check_rows("r.parquet", "relevance", stray, facts))
     other = _relevance(concept=["positive"] * 5)
     assert any("no answer for concept None" in p.message for p in check_rows("r.parquet", "relevance", other, facts))
+    null_only = _relevance(labelling=["permuted:0"] * 5)  # a label null does not answer the real question
+    assert any("no answer for concept None" in p.message for p in check_rows("r.parquet", "relevance", null_only, facts))
+
+
+def test_a_label_null_answer_is_checked_like_the_real_one():
+    facts = TaskFacts("relevance", INDEX, num_layers=2)
+    both = pl.concat([_relevance(), _relevance(labelling=["permuted:0"] * 5)])
+    assert check_rows("r.parquet", "relevance", both, facts) == []
+    short = pl.concat([_relevance(), _relevance(labelling=["permuted:0"] * 5).head(4)])
+    (problem,) = check_rows("r.parquet", "relevance", short, facts)
+    assert problem.field == "index" and "concept None with labelling 'permuted:0' row None scores 4" in problem.message
 
 
 def test_positions_must_cover_the_pool_with_contiguous_positions():

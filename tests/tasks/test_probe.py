@@ -109,21 +109,73 @@ def _planted_data(n_neurons: int = 40, informative=(3, 17, 25, 38), seed: int = 
                            np.arange(40), n_classes=4)
 
 
-def test_ranking_a_planted_informative_neuron_first_beats_bottom_and_random(tmp_cache):
-    data = _planted_data()
+def _planted_scores() -> torch.Tensor:
     scores = torch.zeros(40)
     scores[[3, 17, 25, 38]] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # the method finds the planted neurons
-    spec, env = _spec(ks=(0.1, 0.2), random_seeds=3), RunEnv(seed=0, cache=tmp_cache, progress=False)
-    counts = probe.evaluate(spec, env, data, probe.neuron_sets(scores, (0.1, 0.2), 3, 0), 40)
-    boot = probe._Bootstrap(data.words_per_sentence, 3, 200, 0)
-    got = _by_metric(probe.summarise(spec, "planted", 0, counts, (0.1, 0.2), 40, boot))
+    return scores
+
+
+def _summarise_planted(tmp_cache, nulls: list[torch.Tensor]) -> dict:
+    data, scores, ks = _planted_data(), _planted_scores(), (0.1, 0.2)
+    spec, env = _spec(ks=ks, random_seeds=3), RunEnv(seed=0, cache=tmp_cache, progress=False)
+    sets = probe.neuron_sets(scores, ks, 3, 0)
+    counts = probe.evaluate(spec, env, data, sets, 40)
+    null = probe.null_counts(spec, data, sets, counts, nulls, ks, 0)
+    boot = probe._Bootstrap(data.words_per_sentence, 200, 0)
+    return _by_metric(probe.summarise(spec, "planted", 0, counts, null, ks, 40, boot))
+
+
+def test_ranking_a_planted_informative_neuron_first_beats_bottom_and_random(tmp_cache):
+    # Permuted labels leave the method guessing: its null rankings here are unrelated to the plant.
+    nulls = [torch.from_numpy(np.random.default_rng(i).normal(size=40)).float() for i in range(3)]
+    got = _summarise_planted(tmp_cache, nulls)
     assert got[("probe.acc.top", 0.1)].value > 0.9
     assert got[("probe.acc.top", 0.1)].value > got[("probe.acc.random", 0.1)].value + 0.3
     assert got[("probe.acc.bottom", 0.1)].value < 0.4
-    head = got[(spec.headline, None)]
-    assert head.ci_low > 0.4 and head.ci_low <= head.value <= head.ci_high
+    tmb, null = got[("probe.top_minus_bottom@10", None)], got[("probe.top_minus_bottom.null", 0.1)]
+    assert tmb.ci_low > 0.4 and tmb.ci_low <= tmb.value <= tmb.ci_high
+    assert abs(null.value) < 0.25  # a random ranking's top and bottom are alike
+    head = got[(probe.SPEC.headline, None)]
+    assert head.value == pytest.approx(tmb.value - null.value)
+    assert head.value == pytest.approx(got[("probe.tmb_gap", 0.1)].value)
+    assert head.ci_low > 0.3 and head.ci_low <= head.value <= head.ci_high
     assert got[("probe.selectivity@10", None)].value > 0.5  # random control tags cannot be learnt
     assert got[("probe.full_accuracy", None)].value > 0.9
+
+
+def test_a_ranking_that_ignores_the_labels_has_no_gap_over_its_null(tmp_cache):
+    # The same ranking on permuted labels: everything top-minus-bottom shows is label-free.
+    got = _summarise_planted(tmp_cache, [_planted_scores()] * 2)
+    head = got[(probe.SPEC.headline, None)]
+    assert got[("probe.top_minus_bottom@10", None)].value > 0.4
+    assert (head.value, head.ci_low, head.ci_high) == (0.0, 0.0, 0.0)
+
+
+class Spy(Method):
+    """`inner`'s relevance, keeping every context it was asked with."""
+
+    def __init__(self, inner: Method):
+        self.inner, self.name, self.needs, self.asked = inner, inner.name, inner.needs, []
+
+    def relevance(self, ctx: MethodContext):
+        self.asked.append(ctx)
+        return self.inner.relevance(ctx)
+
+
+def test_the_null_asks_the_method_again_on_tags_permuted_across_words(tiny_bert, tmp_cache):
+    spy = Spy(get_method("probeless"))
+    got = _by_metric(_run(tiny_bert, spy, tmp_cache))
+    real, *nulls = spy.asked
+    assert [c.labelling for c in spy.asked] == [None] + [f"permuted:{i}" for i in range(QUICK.param("null_permutations"))]
+    tags = [t for ts in real.data["word_labels"] for t in ts]
+    for ctx in nulls:
+        permuted = [t for ts in ctx.data["word_labels"] for t in ts]
+        assert ctx.data["words"] == real.data["words"] and ctx.data_id != real.data_id
+        assert sorted(permuted) == sorted(tags) and permuted != tags
+    assert nulls[0].data["word_labels"] != nulls[1].data["word_labels"]
+    head = got[(QUICK.headline, None)]
+    assert head.value == pytest.approx(got[("probe.top_minus_bottom@10", None)].value
+                                       - got[("probe.top_minus_bottom.null", 0.1)].value)
 
 
 def test_quick_spec_end_to_end_gives_every_metric_with_intervals(tiny_bert, tmp_cache):
@@ -134,8 +186,11 @@ def test_quick_spec_end_to_end_gives_every_metric_with_intervals(tiny_bert, tmp_
         for cond in probe.CONDITIONS:
             for m in ("acc", "control_acc", "selectivity"):
                 assert (f"probe.{m}.{cond}", k) in got
+    for k in QUICK.param("ks"):
+        for m in ("top_minus_bottom", "top_minus_bottom.null", "tmb_gap"):
+            assert (f"probe.{m}", k) in got
     for name in ("full_accuracy", "full_control_accuracy", "full_selectivity", "top_minus_bottom@10",
-                 "selectivity@10"):
+                 "selectivity@10", "tmb_gap@10"):
         r = got[(f"probe.{name}", None)]
         assert r.ci_low <= r.value <= r.ci_high, r
     assert 0 < got[("probe.full_accuracy", None)].value <= 1
@@ -174,11 +229,13 @@ def test_methods_without_relevance_or_without_stages_are_not_applicable(tiny_ber
 @pytest.mark.slow
 @pytest.mark.realmodel
 def test_lca_top_neurons_beat_its_bottom_neurons_and_are_selective_on_minilm(tmp_cache):
-    # The full protocol at the headline's k only, one random seed: the headlines need no more.
-    spec = _spec(probe.SPEC, ks=(0.1,), random_seeds=1, bootstrap=300)
+    # The full protocol at the headline's k only, one random seed and one null permutation.
+    spec = _spec(probe.SPEC, ks=(0.1,), random_seeds=1, null_permutations=1, bootstrap=300)
     records = probe.score(spec, get_method("lca"), RunEnv(seed=0, cache=tmp_cache, progress=False))
     got = _by_metric(records)
-    head, sel = got[("probe.top_minus_bottom@10", None)], got[("probe.selectivity@10", None)]
-    assert head.value > 0.05 and head.ci_low > 0, head
+    tmb, sel = got[("probe.top_minus_bottom@10", None)], got[("probe.selectivity@10", None)]
+    assert tmb.value > 0.05 and tmb.ci_low > 0, tmb
+    head = got[(probe.SPEC.headline, None)]  # what the POS tags buy beyond lca on permuted tags
+    assert head.value > 0.02 and head.ci_low > 0, head
     assert sel.value > 0 and sel.ci_low > 0, sel
     assert got[("probe.full_accuracy", None)].value > 0.85
