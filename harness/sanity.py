@@ -175,6 +175,29 @@ def _headline(frame: pl.DataFrame, spec: TaskSpec, check: str, method: str) -> C
     return Check(spec.name, check, method, r["value"], r["ci_low"], r["ci_high"], spec.no_skill)
 
 
+def surviving_metrics(frame: pl.DataFrame, reference: str, perturbed: str) -> list[str]:
+    """Every metric (`name` or `name@k`) on which `perturbed` keeps `reference`'s skill.
+
+    Chance for a metric is what the `random` method gets. The reference has skill where its value
+    lies outside random's interval; the skill survives where the perturbed method's interval lies
+    wholly beyond random's, on the same side (random is noisy too: its interval, not its value).
+    Metrics without intervals are not judged.
+    """
+    keys = ["metric", "k"]
+
+    def of(method: str, tag: str) -> pl.DataFrame:
+        rows = frame.filter((pl.col("method") == method) & pl.col("value").is_not_null()
+                            & pl.col("ci_low").is_not_null() & pl.col("ci_high").is_not_null())
+        return rows.select(*keys, *(pl.col(c).alias(f"{c}_{tag}") for c in ("value", "ci_low", "ci_high")))
+
+    both = of("random", "r").join(of(reference, "ref"), on=keys, nulls_equal=True) \
+        .join(of(perturbed, "p"), on=keys, nulls_equal=True)
+    up = (pl.col("value_ref") > pl.col("ci_high_r")) & (pl.col("ci_low_p") > pl.col("ci_high_r"))
+    down = (pl.col("value_ref") < pl.col("ci_low_r")) & (pl.col("ci_high_p") < pl.col("ci_low_r"))
+    kept = both.filter(up | down).sort(keys, nulls_last=False)
+    return [m if k is None or m.endswith(f"@{k:g}") else f"{m}@{k:g}" for m, k in zip(kept["metric"], kept["k"])]
+
+
 def check_task(task: Task, spec: TaskSpec, env: RunEnv,
                reference: str | Method | None = None) -> tuple[list[Check], list]:
     """Run the four sanity measurements of one task; returns the checks and all their records.
@@ -199,12 +222,23 @@ def check_task(task: Task, spec: TaskSpec, env: RunEnv,
     return checks, records
 
 
-def store_verdict(spec: TaskSpec, checks: list[Check]) -> dict:
-    """Write the task's verdict (what every table's sanity flag reads) and return it."""
+def surviving(checks: list[Check], records: list) -> dict[str, list[str]]:
+    """Perturbation check -> the metrics on which it keeps the reference's skill (see
+    `surviving_metrics`): what the headline's verdict leaves out."""
+    frame = to_frame(records, "sanity")
+    reference = next(c.method for c in checks if c.check == "reference")
+    return {c.check: surviving_metrics(frame, reference, c.method) for c in checks
+            if c.check in ("reinit", "permuted") and not c.method.endswith("(n/a)")}
+
+
+def store_verdict(spec: TaskSpec, checks: list[Check], survivors: dict[str, list[str]] | None = None) -> dict:
+    """Write the task's verdict (what every table's sanity flag reads) and return it. It passes
+    or fails on the headline; `survivors` (check -> metrics that kept skill) is recorded beside."""
     failures = [c.describe() for c in checks if c.verdict == "FAIL"]
     verdict = {"task": spec.name, "task_version": spec.version, "fingerprint": spec.fingerprint(),
                "passed": not failures, "failures": failures, "checks": [c.describe() for c in checks],
-               "reference_skill": next((c.verdict for c in checks if c.check == "reference"), None)}
+               "reference_skill": next((c.verdict for c in checks if c.check == "reference"), None),
+               "surviving_metrics": survivors or {}}
     paths.atomic_write_json(verdict_path(spec.name, spec.fingerprint()), verdict)
     return verdict
 
@@ -223,7 +257,7 @@ def run_sanity(config: RunConfig, progress: bool = True) -> tuple[list[Check], p
         task_checks, task_records = check_task(task, spec, env, reference)
         checks += task_checks
         records += task_records
-        verdicts[spec.name] = store_verdict(spec, task_checks)
+        verdicts[spec.name] = store_verdict(spec, task_checks, surviving(task_checks, task_records))
     frame = to_frame(records, uuid.uuid4().hex[:12])
     run_config = {"kind": "sanity", "config": asdict(config), "verdicts": verdicts,
                   "fingerprints": {name: v["fingerprint"] for name, v in verdicts.items()}}
@@ -244,6 +278,11 @@ def _cli(args) -> int:
     checks, _, run_config = run_sanity(config)
     with pl.Config(tbl_rows=100, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=200, float_precision=3):
         print(checks_table(checks))
+    for task, verdict in run_config["verdicts"].items():
+        for check, metrics in verdict["surviving_metrics"].items():
+            if metrics:
+                shown = ", ".join(metrics[:8]) + (f" and {len(metrics) - 8} more" if len(metrics) > 8 else "")
+                print(f"{task}: skill survives the {check} check on {shown}")
     failed = {t: v["failures"] for t, v in run_config["verdicts"].items() if not v["passed"]}
     for task, failures in failed.items():
         print(f"SANITY FAILED {task}: " + "; ".join(failures))

@@ -116,8 +116,10 @@ def test_sanity_catches_a_method_that_ignores_the_model(verdicts):
     assert by["reference"].verdict == "skill"
     assert by["reinit"].verdict == "FAIL" and by["permuted"].verdict == "FAIL"
     assert by["random"].verdict == "chance"
-    verdict = sanity.store_verdict(spec, checks)
+    verdict = sanity.store_verdict(spec, checks, sanity.surviving(checks, records))
     assert not verdict["passed"] and len(verdict["failures"]) == 2
+    for check in ("reinit", "permuted"):  # the headline is named among the metrics that kept skill
+        assert spec.headline in verdict["surviving_metrics"][check]
     flags = sanity_flags({"descriptors": spec.fingerprint()})
     assert "reinit" in flags["descriptors"] and "permuted" in flags["descriptors"]
     assert sanity_flags({"descriptors": "another-fingerprint"}) == {}
@@ -134,3 +136,33 @@ def test_sanity_command_passes_for_an_honest_method(verdicts, tmp_path, capsys):
     spec = TASKS.get("descriptors").spec.quick_version()
     assert sanity_flags({"descriptors": spec.fingerprint()}) == {}
     assert (verdicts / f"descriptors-{spec.fingerprint()}.json").is_file()
+
+
+def _row(method: str, metric: str, value: float, low: float, high: float, k: float | None = None) -> dict:
+    return {"method": method, "metric": metric, "k": k, "value": value, "ci_low": low, "ci_high": high}
+
+
+def test_surviving_metrics_names_what_keeps_skill_beyond_random():
+    import polars as pl
+
+    rows = [
+        # raw: the reference's skill survives the perturbation (interval wholly above random's)
+        _row("random", "t.raw", 0.00, -0.02, 0.02), _row("m", "t.raw", 0.30, 0.25, 0.35),
+        _row("m~p", "t.raw", 0.10, 0.05, 0.15),
+        # gap: the perturbed interval overlaps random's, so the skill is gone
+        _row("random", "t.gap", 0.00, -0.02, 0.02), _row("m", "t.gap", 0.20, 0.15, 0.25),
+        _row("m~p", "t.gap", 0.03, 0.01, 0.05),
+        # loss, per k: lower is better and the skill survives below random
+        _row("random", "t.loss", 1.0, 0.9, 1.1, k=0.5), _row("m", "t.loss", 0.5, 0.4, 0.6, k=0.5),
+        _row("m~p", "t.loss", 0.6, 0.5, 0.7, k=0.5),
+        # shared: the reference is no better than random, so nothing is judged
+        _row("random", "t.shared", 0.9, 0.8, 1.0), _row("m", "t.shared", 0.9, 0.8, 1.0),
+        _row("m~p", "t.shared", 2.0, 1.9, 2.1),
+        # no interval: not judged
+        _row("random", "t.size", 5.0, None, None), _row("m", "t.size", 9.0, None, None),
+        _row("m~p", "t.size", 9.0, None, None),
+    ]
+    frame = pl.DataFrame(rows, schema={"method": pl.String, "metric": pl.String, "k": pl.Float64,
+                                       "value": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64})
+    assert sanity.surviving_metrics(frame, "m", "m~p") == ["t.loss@0.5", "t.raw"]
+    assert sanity.surviving_metrics(frame, "m", "m") == ["t.gap", "t.loss@0.5", "t.raw"]
