@@ -86,14 +86,11 @@ NULL = "null"
 
 def neuron_sets(scores: torch.Tensor, ks, n_seeds: int, seed: int) -> dict[tuple[str, float], list[np.ndarray]]:
     """(condition, k) -> sorted flat ids: one set for top and bottom, one per seed for random."""
-    order, n = rank_neurons(scores, seed), len(scores)
+    n = len(scores)
     perms = [random_permutation(n, seed, i) for i in range(n_seeds)]
-    out = {}
+    out = {key: [ids] for key, ids in extreme_sets(scores, ks, seed).items()}
     for k in ks:
-        m = set_size(k, n)
-        out[(TOP, k)] = [np.sort(order[:m])]
-        out[(BOTTOM, k)] = [np.sort(order[n - m:])]
-        out[(RANDOM, k)] = [np.sort(p[:m]) for p in perms]
+        out[(RANDOM, k)] = [np.sort(p[:set_size(k, n)]) for p in perms]
     return out
 
 
@@ -411,7 +408,10 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     answer = call_verb(method, spec.verb, ctx)
     if isinstance(answer, NotApplicable):
         return _not_applicable(spec, method, env.seed, str(answer))
-    null_scores = [call_verb(method, spec.verb, null_context(ctx, env.seed, i)).overall() for i in range(n_null)]
+    null_scores = []
+    for i in range(n_null):
+        log.info("probe: asking %s again on permuted tags (%d of %d)", method.name, i + 1, n_null)
+        null_scores.append(call_verb(method, spec.verb, null_context(ctx, env.seed, i)).overall())
     data = env.memo(("probe", spec.fingerprint(), "data"), lambda: prepare(spec, env, model, corpus, train, train_id))
     sets = neuron_sets(answer.overall(), ks, n_seeds, env.seed)
     counts = evaluate(spec, env, data, sets, ctx.index.size)
