@@ -68,6 +68,12 @@ def _curves(frame: pl.DataFrame, lines: dict[str, tuple[str, str]], xlabel: str,
     if not methods:
         return None
     fig, axes = _grid(len(methods), sharey=True)  # one y scale, so panels compare at a glance
+    _panels(axes, frame, methods, lines, xlabel, ylabel, log_x, hline)
+    return _png(fig)
+
+
+def _panels(axes, frame: pl.DataFrame, methods, lines: dict[str, tuple[str, str]], xlabel: str, ylabel: str,
+            log_x: bool, hline: str | None) -> None:
     for ax, method in zip(axes, methods):
         sub = frame.filter(pl.col("method") == method)
         for i, (metric, (label, style)) in enumerate(lines.items()):
@@ -76,14 +82,17 @@ def _curves(frame: pl.DataFrame, lines: dict[str, tuple[str, str]], xlabel: str,
         if len(ref):
             ax.axhline(float(ref[0]), color="black", ls=":", lw=1, label=hline.rsplit(".", 1)[-1])
         ks = _series(sub, next(iter(lines)))["k"]
-        if log_x and len(ks) and ks.min() > 0 and ks.max() / ks.min() >= 10:
-            ax.set_xscale("log")
-        ax.set_title(method, fontsize=10)
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.tick_params(labelsize=7)
+        _axes(ax, method, xlabel, ylabel, log_x and len(ks) and ks.min() > 0 and ks.max() / ks.min() >= 10)
     axes[0].legend(fontsize=7)
-    return _png(fig)
+
+
+def _axes(ax, title: str, xlabel: str, ylabel: str, log_x: bool) -> None:
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
 
 
 def prune_plot(frame: pl.DataFrame) -> bytes | None:
@@ -95,10 +104,26 @@ def prune_plot(frame: pl.DataFrame) -> bytes | None:
 
 
 def probe_plot(frame: pl.DataFrame) -> bytes | None:
-    """Probe accuracy against the fraction of neurons kept (top, random, bottom)."""
+    """Probe accuracy against the fraction of neurons kept (top, random, bottom), one panel per
+    method on one scale; a last panel gives every method's top-minus-bottom gap over its
+    permuted-tag null (the headline's curve over k)."""
     lines = {f"probe.acc.{c}": (c, "-") for c in ("top", "random", "bottom")}
-    return _curves(frame, lines, "fraction of neurons", "probe accuracy", log_x=True,
-                   hline="probe.full_accuracy")
+    methods = sorted(frame.filter(pl.col("metric").is_in(list(lines)))["method"].unique())
+    if not methods:
+        return None
+    fig, axes = _grid(len(methods) + 1)
+    for ax in axes[1:-1]:
+        ax.sharey(axes[0])
+    _panels(axes[:-1], frame, methods, lines, "fraction of neurons", "probe accuracy", True, "probe.full_accuracy")
+    gap = axes[-1]
+    for i, method in enumerate(methods):
+        _line(gap, frame.filter(pl.col("method") == method), "probe.tmb_gap", method, COLORS[i % len(COLORS)])
+    gap.axhline(0.0, color="black", ls=":", lw=1)
+    ks = _series(frame, "probe.tmb_gap")["k"]
+    _axes(gap, "top-bottom gap over the permuted-tag null", "fraction of neurons", "accuracy gap",
+          len(ks) > 0 and ks.min() > 0 and ks.max() / ks.min() >= 10)
+    gap.legend(fontsize=6)
+    return _png(fig)
 
 
 def erasure_plot(frame: pl.DataFrame) -> bytes | None:

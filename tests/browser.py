@@ -124,7 +124,7 @@ def quick_results(tmp_path_factory) -> Path:
 
 
 HEADLINES = {"prune": "prune.gap_auc", "ppl-trend": "ppl-trend.spearman", "descriptors": "descriptors.data.p_gap@2",
-             "probe": "probe.top_minus_bottom@10", "erasure": "erasure.comp_gap_mean"}
+             "probe": "probe.tmb_gap@10", "erasure": "erasure.comp_gap_mean"}
 
 
 def _task_metrics(task: str) -> list[tuple[str, float | None]]:
@@ -141,7 +141,10 @@ def _task_metrics(task: str) -> list[tuple[str, float | None]]:
     if task == "probe":
         return ([(f"probe.{m}.{c}", k) for m in ("acc", "selectivity") for c in ("top", "random", "bottom")
                  for k in (0.01, 0.05, 0.1, 0.2)]
-                + [("probe.full_accuracy", None), ("probe.top_minus_bottom@10", None), ("probe.selectivity@10", None)])
+                + [(f"probe.{m}", k) for m in ("top_minus_bottom", "top_minus_bottom.null", "tmb_gap")
+                   for k in (0.01, 0.05, 0.1, 0.2)]
+                + [("probe.full_accuracy", None), ("probe.tmb_gap@10", None), ("probe.top_minus_bottom@10", None),
+                   ("probe.selectivity@10", None)])
     names = ("comprehensiveness", "sufficiency", "random_comprehensiveness", "random_sufficiency", "comp_gap",
              "suff_gap")
     return [(f"erasure.{n}", layer) for n in names for layer in range(6)] + [
