@@ -82,11 +82,17 @@ def _panels(axes, frame: pl.DataFrame, methods, lines: dict[str, tuple[str, str]
         if len(ref):
             ax.axhline(float(ref[0]), color="black", ls=":", lw=1, label=hline.rsplit(".", 1)[-1])
         ks = _series(sub, next(iter(lines)))["k"]
-        _axes(ax, method, xlabel, ylabel, log_x and len(ks) and ks.min() > 0 and ks.max() / ks.min() >= 10)
+        _axes(ax, method, xlabel, ylabel, log_x and _spans_decade(ks))
     axes[0].legend(fontsize=7)
 
 
+def _spans_decade(ks: pl.Series) -> bool:
+    """Whether positive x values span a factor of 10 or more (a log axis then reads better)."""
+    return len(ks) > 0 and ks.min() > 0 and ks.max() / ks.min() >= 10
+
+
 def _axes(ax, title: str, xlabel: str, ylabel: str, log_x: bool) -> None:
+    """Title, labels and a log x axis when `log_x`, in the report's font sizes."""
     if log_x:
         ax.set_xscale("log")
     ax.set_title(title, fontsize=10)
@@ -119,9 +125,8 @@ def probe_plot(frame: pl.DataFrame) -> bytes | None:
     for i, method in enumerate(methods):
         _line(gap, frame.filter(pl.col("method") == method), "probe.tmb_gap", method, COLORS[i % len(COLORS)])
     gap.axhline(0.0, color="black", ls=":", lw=1)
-    ks = _series(frame, "probe.tmb_gap")["k"]
     _axes(gap, "top-bottom gap over the permuted-tag null", "fraction of neurons", "accuracy gap",
-          len(ks) > 0 and ks.min() > 0 and ks.max() / ks.min() >= 10)
+          _spans_decade(_series(frame, "probe.tmb_gap")["k"]))
     gap.legend(fontsize=6)
     return _png(fig)
 
