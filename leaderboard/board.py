@@ -23,9 +23,11 @@ from neuronbench.harness.records import RESULTS, SCHEMA
 from neuronbench.harness.report import COLUMN_KEY, headline_cells, headline_of, methods_table, read_results
 from neuronbench.harness.sanity import sanity_flags
 
+from .submission import MANIFEST
+
 log = logging.getLogger(__name__)
 
-INDEX, DATA, METHODS_DIR, MANIFEST = "index.html", "leaderboard.json", "methods", "submission.json"
+INDEX, DATA, METHODS_DIR = "index.html", "leaderboard.json", "methods"
 DEDUP_KEY = ["task", "task_version", "config_hash", "method", "metric", "k", "split"]
 # Shown first, in this order (as `neuronbench submit` writes them; older spellings too); then the rest.
 MANIFEST_FIELDS = ("method", "name", "method_version", "version", "authors", "contact", "description", "code_url",

@@ -10,9 +10,10 @@ import numpy as np
 import polars as pl
 
 from neuronbench.harness.sites import SITE_KINDS
+from neuronbench.harness.validate import MAX_DESCRIPTORS
 
 from .facts import TaskFacts
-from .submission import COLUMNS, MAX_DESCRIPTORS
+from .submission import COLUMNS
 
 MAX_REPORTED = 20  # rows reported per (file, field, defect); the rest are counted in one more problem
 MAX_GROUPS = 1000  # relevance answers (concept, row) per file

@@ -24,7 +24,6 @@ MAX_FILE_BYTES = 64 * 2**20
 MAX_TOTAL_BYTES = 256 * 2**20
 MAX_ROWS = 5_000_000  # per file, read from the parquet footer before any data (a small file can hold many rows)
 MAX_TEXT_BYTES = 256 * 2**20  # decoded text per file, measured before decoding
-MAX_DESCRIPTORS = 10
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}")
 
 
@@ -74,10 +73,6 @@ TASK_FIELDS: dict[str, type] = {"task_version": int, "fingerprint": str, "verb":
 def file_name(task: str) -> str:
     """The output file of `task` inside a submission folder."""
     return f"{task}.parquet"
-
-
-def empty_frame(verb: str) -> pl.DataFrame:
-    return pl.DataFrame(schema={c.name: c.dtype for c in COLUMNS[verb]})
 
 
 def to_schema(verb: str, rows: dict[str, list]) -> pl.DataFrame:

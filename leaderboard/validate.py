@@ -18,7 +18,8 @@ from neuronbench.harness.task import TASKS, TaskSpec
 from .checks import NULL, Problem, check_columns, check_rows, check_values
 from .facts import task_facts
 from .submission import (FORMAT_VERSION, MANIFEST, MANIFEST_FIELDS, MAX_FILE_BYTES, MAX_MANIFEST_BYTES, MAX_ROWS,
-                         MAX_TOTAL_BYTES, NAME_PATTERN, TASK_FIELDS, TooLarge, file_name, parquet_layout, read_frame)
+                         MAX_TOTAL_BYTES, NAME_PATTERN, TASK_FIELDS, TooLarge, file_name, parquet_layout, read_frame,
+                         task_entry)
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def _check_task(name, entry, quick: bool, out: list[Problem]) -> TaskSpec | None
             out.append(Problem(MANIFEST, f"unknown field; a task entry has {', '.join(TASK_FIELDS)}",
                                field=f"{field}.{ascii(key)[1:-1][:80]}"))
     spec = resolve_spec(TASKS.get(name), RunConfig(quick=quick))
-    want = {"task_version": spec.version, "fingerprint": spec.fingerprint(), "verb": spec.verb, "model": spec.model}
+    want = task_entry(spec)
     for key, kind in TASK_FIELDS.items():
         if key not in entry:
             out.append(Problem(MANIFEST, "missing field", field=f"{field}.{key}"))
