@@ -7,12 +7,19 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import polars as pl
 
 from . import __version__, paths
+
+
+def utc_stamp() -> str:
+    """Now, in UTC, as an ISO 8601 string to the second (the `created` time of runs and builds)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
 
 SCHEMA = {
     "run_id": pl.Utf8, "task": pl.Utf8, "task_version": pl.Int64, "model": pl.Utf8, "method": pl.Utf8,

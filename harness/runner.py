@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import polars as pl
 
 from .cache import Cache
 from .method import METHODS, Method, get_method
-from .records import Record, headline_table, save_results, to_frame
+from .records import Record, headline_table, save_results, to_frame, utc_stamp
 from .task import TASKS, RunEnv, Task, TaskSpec, record
 
 log = logging.getLogger(__name__)
@@ -91,7 +90,7 @@ def run_suite(config: RunConfig, progress: bool = True,
             records.extend(run_one(task, spec, method, env))
             timings[f"{spec.name}/{method.name}"] = round(time.perf_counter() - start, 2)
     specs = {t.spec.name: asdict(resolve_spec(t, config)) for t in tasks}
-    record_config = {"run_id": run_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    record_config = {"run_id": run_id, "created": utc_stamp(),
                      "config": asdict(config), "tasks": specs,
                      "fingerprints": {n: resolve_spec(TASKS.get(n), config).fingerprint() for n in task_names},
                      "methods": [m.name for m in methods], "seconds": timings}

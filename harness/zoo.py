@@ -14,13 +14,13 @@ import logging
 import platform
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 from . import __version__, zoo_train
 from .models import default_device, register_alias
 from .paths import atomic_dir, atomic_write_json, zoo_dir
+from .records import utc_stamp
 from .zoo_train import ClassifierHP, TrajectoryHP, step_dir
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def _manifest(spec: ZooSpec, result: zoo_train.BuildResult, files: dict, wall: f
         hparams=_jsonable(dataclasses.asdict(spec.hparams)), step=result.step,
         metrics=_jsonable(result.metrics), files=files, versions=_versions(),
         harness_version=__version__, machine=machine, wall_time_s=round(wall, 2),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        created=utc_stamp())
 
 
 def _hub_manifest(spec: ZooSpec) -> Manifest:

@@ -13,7 +13,7 @@ import polars as pl
 
 from neuronbench.harness import paths
 from neuronbench.harness.cache import Cache
-from neuronbench.harness.records import save_results, to_frame
+from neuronbench.harness.records import save_results, to_frame, utc_stamp
 from neuronbench.harness.runner import RunConfig, resolve_spec, run_one
 from neuronbench.harness.task import TASKS, RunEnv
 
@@ -85,7 +85,7 @@ def score_submission(config: ScoreConfig, hidden_seed: int | None = None,
     env = replace(env, seed=man["seed"], quick=man["quick"])
     records, seconds, specs = _replay_tasks(folder, man, names, env, progress)
     run_id = uuid.uuid4().hex[:12]
-    record_config = {"run_id": run_id, "kind": "submission", "method": man["method"], "split": config.split,
+    record_config = {"run_id": run_id, "created": utc_stamp(), "kind": "submission", "method": man["method"], "split": config.split,
                      "seed": man["seed"], "quick": man["quick"], "submission_sha256": hashlib.sha256(raw).hexdigest(),
                      "tasks": {n: asdict(s) for n, s in specs.items()},
                      "fingerprints": {n: s.fingerprint() for n, s in specs.items()}, "seconds": seconds}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import datetime
 
 import datasets
 import polars as pl
@@ -64,6 +65,8 @@ def test_hidden_split_marks_records_and_moves_what_depends_on_the_examples(tmp_p
     hidden, public = pl.read_parquet(out / "results.parquet"), scored("random")
     assert set(hidden["split"]) == {"hidden"}
     assert json.loads((out / MANIFEST).read_text()) == read_manifest(folder)
+    config = json.loads((out / "config.json").read_text())
+    assert datetime.fromisoformat(config["created"]).tzinfo is not None  # the leaderboard orders runs by it
     for name in ("results.parquet", "config.json", MANIFEST):
         assert b"987654321" not in (out / name).read_bytes()
     both = public.join(hidden, on=["task", "metric", "k"], suffix="_hidden", nulls_equal=True)
