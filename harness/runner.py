@@ -52,6 +52,16 @@ def run_one(task: Task, spec: TaskSpec, method: Method, env: RunEnv) -> list[Rec
     return [replace(r, split=env.split) for r in _score(task, spec, method, env)]
 
 
+def timed_run(task: Task, spec: TaskSpec, method: Method, env: RunEnv,
+              announce: str | None = None) -> tuple[list[Record], float]:
+    """`run_one` and its wall time in seconds (to 0.01); prints `announce` first when given."""
+    start = time.perf_counter()
+    if announce:
+        print(announce, flush=True)
+    records = run_one(task, spec, method, env)
+    return records, round(time.perf_counter() - start, 2)
+
+
 def _score(task: Task, spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     if not method.supports(spec.verb):
         log.info("%s does not implement %s: not applicable to %s", method.name, spec.verb, spec.name)
@@ -84,11 +94,9 @@ def run_suite(config: RunConfig, progress: bool = True,
     for task in tasks:
         spec = resolve_spec(task, config)
         for method in methods:
-            start = time.perf_counter()
-            if progress:
-                print(f"[{task.spec.name}] {method.name} ...", flush=True)
-            records.extend(run_one(task, spec, method, env))
-            timings[f"{spec.name}/{method.name}"] = round(time.perf_counter() - start, 2)
+            got, timings[f"{spec.name}/{method.name}"] = timed_run(
+                task, spec, method, env, f"[{task.spec.name}] {method.name} ..." if progress else None)
+            records.extend(got)
     specs = {t.spec.name: asdict(resolve_spec(t, config)) for t in tasks}
     record_config = {"run_id": run_id, "created": utc_stamp(),
                      "config": asdict(config), "tasks": specs,

@@ -4,7 +4,6 @@ split, keep the method's outputs and discard the scores.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
@@ -14,7 +13,7 @@ import polars as pl
 from neuronbench.harness.cache import Cache
 from neuronbench.harness.method import Method, get_method
 from neuronbench.harness.records import to_frame
-from neuronbench.harness.runner import RunConfig, resolve_spec, run_one
+from neuronbench.harness.runner import RunConfig, resolve_spec, timed_run
 from neuronbench.harness.task import TASKS, RunEnv
 
 from .replay import Recorder
@@ -107,11 +106,9 @@ def export_submission(config: ExportConfig, progress: bool = False, method: Meth
     frames, entries, records, seconds = {}, {}, [], {}
     for name in names:
         spec = resolve_spec(TASKS.get(name), RunConfig(quick=config.quick))
-        recorder, start = Recorder(method), time.perf_counter()
-        if progress:
-            print(f"[export {name}] {method.name} ...", flush=True)
-        got = run_one(TASKS.get(name), spec, recorder, env)
-        seconds[name] = round(time.perf_counter() - start, 2)
+        recorder = Recorder(method)
+        got, seconds[name] = timed_run(TASKS.get(name), spec, recorder, env,
+                                       f"[export {name}] {method.name} ..." if progress else None)
         records += got
         if any(r.status == "not_applicable" for r in got):
             log.warning("%s is not applicable to %s here; the submission leaves the task out", method.name, name)

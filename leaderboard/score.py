@@ -4,7 +4,6 @@ with a `Replay` method answering from the submitted data, on the public or the h
 from __future__ import annotations
 
 import hashlib
-import time
 import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -14,7 +13,7 @@ import polars as pl
 from neuronbench.harness import paths
 from neuronbench.harness.cache import Cache
 from neuronbench.harness.records import save_results, to_frame, utc_stamp
-from neuronbench.harness.runner import RunConfig, resolve_spec, run_one
+from neuronbench.harness.runner import RunConfig, resolve_spec, timed_run
 from neuronbench.harness.task import TASKS, RunEnv
 
 from .checks import Problem
@@ -103,9 +102,7 @@ def _replay_tasks(folder: Path, man: dict, names: list[str], env: RunEnv, progre
         task = TASKS.get(name)
         specs[name] = spec = resolve_spec(task, RunConfig(quick=man["quick"]))
         replay = Replay(man["method"], spec.verb, read_frame(folder / file_name(name)), file_name(name))
-        start = time.perf_counter()
-        if progress:
-            print(f"[score {name}] {replay.name} ({env.split}) ...", flush=True)
-        records.extend(run_one(task, spec, replay, env))
-        seconds[name] = round(time.perf_counter() - start, 2)
+        got, seconds[name] = timed_run(task, spec, replay, env,
+                                       f"[score {name}] {replay.name} ({env.split}) ..." if progress else None)
+        records.extend(got)
     return records, seconds, specs
