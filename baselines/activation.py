@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from neuronbench.harness.method import Method, MethodContext, NeuronScores, register_method
+from neuronbench.harness.engine.method import Method, MethodContext, NeuronScores, register_method
 
 SCORES = ("rms", "variance")
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from neuronbench.harness.batching import encode
-from neuronbench.harness.method import Method, MethodContext, NeuronScores, register_method
+from neuronbench.harness.engine.batching import encode
+from neuronbench.harness.engine.method import Method, MethodContext, NeuronScores, register_method
 
 
 @register_method("random")

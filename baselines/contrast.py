@@ -8,13 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from neuronbench.harness.batching import encode
-from neuronbench.harness.collect import CollectConfig
-from neuronbench.harness.data import descriptor_matrix
-from neuronbench.harness.method import Method, MethodContext, Needs, NeuronScores, register_method
-from neuronbench.harness.metrics import auroc_matrix as auroc
-from neuronbench.harness.metrics import average_ranks
-from neuronbench.harness.sites import Site
+from neuronbench.harness.engine.batching import encode
+from neuronbench.harness.engine.collect import CollectConfig
+from neuronbench.harness.engine.data import descriptor_matrix
+from neuronbench.harness.engine.method import Method, MethodContext, Needs, NeuronScores, register_method
+from neuronbench.harness.engine.metrics import auroc_matrix as auroc
+from neuronbench.harness.engine.metrics import average_ranks
+from neuronbench.harness.engine.sites import Site
 
 __all__ = ["Contrast", "auroc", "average_ranks", "descriptor_matrix", "rank_descriptors"]
 

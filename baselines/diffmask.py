@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from neuronbench.harness.batching import Batch
-from neuronbench.harness.hooks import site_hooks
-from neuronbench.harness.method import Method, MethodContext, Needs, NeuronScores, register_method
-from neuronbench.harness.models import LoadedModel
-from neuronbench.harness.objective import frozen, gradient_batches, require_task_head, run
-from neuronbench.harness.sites import Site
+from neuronbench.harness.engine.batching import Batch
+from neuronbench.harness.engine.hooks import site_hooks
+from neuronbench.harness.engine.method import Method, MethodContext, Needs, NeuronScores, register_method
+from neuronbench.harness.engine.models import LoadedModel
+from neuronbench.harness.engine.objective import frozen, gradient_batches, require_task_head, run
+from neuronbench.harness.engine.sites import Site
 
 # The paper's hard concrete: binary concrete at temperature 0.2, stretched to (-0.2, 1.0), clamped.
 BETA, STRETCH_L, STRETCH_R = 0.2, -0.2, 1.0

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from neuronbench.harness.batching import Batch
-from neuronbench.harness.hooks import site_hooks
-from neuronbench.harness.method import Method, MethodContext, Needs, NeuronScores, register_method
-from neuronbench.harness.models import LoadedModel
-from neuronbench.harness.objective import neuron_relevance, objective, position_scores, run
-from neuronbench.harness.sites import Site
+from neuronbench.harness.engine.batching import Batch
+from neuronbench.harness.engine.hooks import site_hooks
+from neuronbench.harness.engine.method import Method, MethodContext, Needs, NeuronScores, register_method
+from neuronbench.harness.engine.models import LoadedModel
+from neuronbench.harness.engine.objective import neuron_relevance, objective, position_scores, run
+from neuronbench.harness.engine.sites import Site
 
 
 def site_gradients(loaded: LoadedModel, batch: Batch, labels: torch.Tensor | None,
@@ -51,7 +51,7 @@ class GradXAct(Method):
     """Gradient x activation (first-order Taylor estimate of what zeroing a unit does to the objective).
 
     The objective is log p(gold label) for a classifier and the mean next-token log-likelihood for a
-    causal LM (`harness.objective`); a `base` model has none, so the method raises ValueError.
+    causal LM (`harness.engine.objective`); a `base` model has none, so the method raises ValueError.
 
     relevance: per neuron, mean over every real token (special tokens included) of |grad x act|;
         the absolute value counts a neuron that pushes the objective down as relevant too.

@@ -5,14 +5,14 @@ from dataclasses import replace
 
 import torch
 
-from neuronbench.harness.batching import Batch
-from neuronbench.harness.data import subsample
-from neuronbench.harness.hooks import site_hooks
-from neuronbench.harness.method import Method, MethodContext, Needs, NeuronScores, register_method
-from neuronbench.harness.models import LoadedModel
-from neuronbench.harness.objective import (neuron_relevance, objective, position_scores,
+from neuronbench.harness.engine.batching import Batch
+from neuronbench.harness.engine.data import subsample
+from neuronbench.harness.engine.hooks import site_hooks
+from neuronbench.harness.engine.method import Method, MethodContext, Needs, NeuronScores, register_method
+from neuronbench.harness.engine.models import LoadedModel
+from neuronbench.harness.engine.objective import (neuron_relevance, objective, position_scores,
                                             require_task_head, run)
-from neuronbench.harness.sites import Site
+from neuronbench.harness.engine.sites import Site
 
 
 def integrated_gradients(loaded: LoadedModel, batch: Batch, labels: torch.Tensor | None, site: Site,
@@ -51,7 +51,7 @@ BASELINES = ("mean", "zero")
 
 @register_method("integrated-gradients")
 class IntegratedGradients(Method):
-    """Integrated Gradients of the task objective (see `harness.objective`) at each site.
+    """Integrated Gradients of the task objective (see `harness.engine.objective`) at each site.
 
     Baseline (path start): by default each neuron's mean activation over `ctx.data` (the
     harness's mean ablation), so IG splits objective(act) - objective(mean-ablated site) over

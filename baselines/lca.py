@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from neuronbench.harness.batching import encode
-from neuronbench.harness.collect import CollectConfig
-from neuronbench.harness.method import Method, MethodContext, Needs, NeuronScores, register_method
-from neuronbench.harness.probe import DEFAULT_GRID, Features, LambdaChoice, Probe, select_lambdas
-from neuronbench.harness.sites import NeuronIndex
+from neuronbench.harness.engine.batching import encode
+from neuronbench.harness.engine.collect import CollectConfig
+from neuronbench.harness.engine.method import Method, MethodContext, Needs, NeuronScores, register_method
+from neuronbench.baselines._lca_probe import DEFAULT_GRID, Features, LambdaChoice, Probe, select_lambdas
+from neuronbench.harness.engine.sites import NeuronIndex
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from neuronbench.harness.method import Method, MethodContext, Needs, NeuronScores, register_method
+from neuronbench.harness.engine.method import Method, MethodContext, Needs, NeuronScores, register_method
 
 
 def probeless_scores(sums_LN: torch.Tensor, counts_L: torch.Tensor, concept: int | None = None,

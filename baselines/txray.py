@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from neuronbench.harness.method import Method, MethodContext, Needs, NeuronScores, register_method
-from neuronbench.harness.sites import NeuronIndex
+from neuronbench.harness.engine.method import Method, MethodContext, Needs, NeuronScores, register_method
+from neuronbench.harness.engine.sites import NeuronIndex
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from neuronbench.harness.method import Method, MethodContext, Needs, NeuronScores, register_method
-from neuronbench.harness.models import layer_modules, site_module
-from neuronbench.harness.sites import Site
+from neuronbench.harness.engine.method import Method, MethodContext, Needs, NeuronScores, register_method
+from neuronbench.harness.engine.models import layer_modules, site_module
+from neuronbench.harness.engine.sites import Site
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Writers:
 _BERT = Writers(("intermediate.dense",),
                 ("attention.output.dense", "attention.output.LayerNorm", "output.LayerNorm"))
 _LLAMA = Writers(("mlp.gate_proj", "mlp.up_proj"), ("self_attn.o_proj",))
-# Keyed like harness.models.ARCHS; an architecture missing here fails with the fix named.
+# Keyed like harness.engine.models.ARCHS; an architecture missing here fails with the fix named.
 WRITERS: dict[str, Writers] = {
     "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "electra": _BERT, "camembert": _BERT,
     "distilbert": Writers(("ffn.lin1",), ("attention.out_lin", "sa_layer_norm", "output_layer_norm")),

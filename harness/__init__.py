@@ -1,4 +1,6 @@
-"""NeuronBench's engine: models, neuron sites, data, collectors, cache and interventions."""
+"""NeuronBench's harness, in floors: `engine` (models, sites, data, collectors, cache, interventions,
+the method API), `zoo` (the model builders), `suite` (tasks, runner, checks, report) and `cli`.
+This package itself holds only `__version__`, which every floor may read."""
 from importlib.metadata import PackageNotFoundError, version
 
 try:

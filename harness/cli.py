@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads s
 
 
 def _setup(args) -> int:
-    from .data import fetch_corpora
+    from .engine.data import fetch_corpora
 
     folder = fetch_corpora(force=args.force)
     print(f"corpora ready in {folder}")
@@ -21,7 +21,7 @@ def _setup(args) -> int:
 
 
 def _models(args) -> int:
-    from .models import aliases, load_model
+    from .engine.models import aliases, load_model
 
     if not args.name:
         print("Model aliases (any Hugging Face id or local folder also works):")
@@ -36,7 +36,7 @@ def _models(args) -> int:
 
 
 def _load_split(name: str, split: str, limit: int | None, seed: int):
-    from .data import load, subsample
+    from .engine.data import load, subsample
 
     import datasets
 
@@ -73,10 +73,10 @@ def _summarise(col, model, seconds: float) -> None:
 
 
 def _collect(args) -> int:
-    from .activations import collect_cached, save_collection
-    from .collect import CollectConfig
-    from .models import load_model
-    from .paths import atomic_dir, atomic_write_json
+    from .engine.activations import collect_cached, save_collection
+    from .engine.collect import CollectConfig
+    from .engine.models import load_model
+    from .engine.paths import atomic_dir, atomic_write_json
 
     model = load_model(args.model)  # errors on a bad model before anything is written
     corpus, ds = _load_split(args.data, args.split, args.limit, args.seed)
@@ -100,14 +100,14 @@ def _collect(args) -> int:
 
 
 def _versions() -> dict:
-    from .records import package_versions
+    from .engine.records import package_versions
 
     return package_versions()
 
 
 def _bench(args) -> int:
-    from .bench import BenchConfig, bench_collect
-    from .models import load_model
+    from .suite.bench import BenchConfig, bench_collect
+    from .engine.models import load_model
 
     model = load_model(args.model)
     _, ds = _load_split(args.data, args.split, args.limit, args.seed)
@@ -126,7 +126,7 @@ def _bench(args) -> int:
 def _run(args) -> int:
     import polars as pl
 
-    from .runner import RunConfig, run_suite, summary
+    from .suite.runner import RunConfig, run_suite, summary
 
     config = RunConfig(tasks=tuple(args.tasks or ()), methods=tuple(args.methods or ()), model=args.model,
                        quick=args.quick, seed=args.seed, out=args.out)
@@ -137,14 +137,14 @@ def _run(args) -> int:
     print(f"{len(frame)} records in {time.perf_counter() - start:.0f} s; written to {args.out}/"
           f"{{results.parquet,config.json}}")
     if not args.no_report:
-        from .report import write_report
+        from .suite.report import write_report
 
         print(f"report: {write_report(Path(args.out))}")
     return 0
 
 
 def _methods(args) -> int:
-    from .method import METHODS, VERBS, get_method
+    from .engine.method import METHODS, VERBS, get_method
 
     print(f"{'method':<22} {'verbs':<50} needs")
     for name in METHODS.names():
@@ -160,9 +160,9 @@ def _explain(args) -> int:
     """Run one verb of one method on a split and write its answer (data only, no score)."""
     import polars as pl
 
-    from .method import MethodContext, NotApplicable, call_verb, get_method
-    from .models import load_model
-    from .paths import atomic_write_text
+    from .engine.method import MethodContext, NotApplicable, call_verb, get_method
+    from .engine.models import load_model
+    from .engine.paths import atomic_write_text
 
     method = get_method(args.method)
     model = load_model(args.model)
@@ -189,7 +189,7 @@ def _explain(args) -> int:
 
 
 def _cache(args) -> int:
-    from .cache import Cache
+    from .engine.cache import Cache
 
     cache = Cache()
     if args.action == "clear":
@@ -260,10 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=10, help="top neurons to print")
     p.add_argument("--out", help="CSV file for the per-neuron scores")
     p.set_defaults(fn=_explain)
-    from .regress import add_regress_parser
-    from .sanity import add_sanity_parser
-    from .zoo import add_zoo_parser
-    from .report import add_report_parser
+    from .suite.regress import add_regress_parser
+    from .suite.sanity import add_sanity_parser
+    from .suite.zoo_cli import add_zoo_parser
+    from .suite.report import add_report_parser
     from neuronbench.leaderboard.board import add_leaderboard_parser
     from neuronbench.leaderboard.cli import add_submit_parser
 

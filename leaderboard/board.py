@@ -17,11 +17,13 @@ from pathlib import Path
 
 import polars as pl
 
-from neuronbench.harness import __version__, html, paths
-from neuronbench.harness.plots import task_plot
-from neuronbench.harness.records import RESULTS, SCHEMA
-from neuronbench.harness.report import COLUMN_KEY, headline_cells, headline_of, methods_table, read_results
-from neuronbench.harness.sanity import sanity_flags
+from neuronbench.harness import __version__
+from neuronbench.harness.suite import html
+from neuronbench.harness.engine import paths
+from neuronbench.harness.suite.plots import task_plot
+from neuronbench.harness.engine.records import RESULTS, SCHEMA
+from neuronbench.harness.suite.report import COLUMN_KEY, headline_cells, headline_of, methods_table, read_results
+from neuronbench.harness.suite.verdicts import sanity_flags
 
 from .submission import MANIFEST
 
@@ -116,7 +118,7 @@ def merge_runs(frames: list[pl.DataFrame]) -> tuple[pl.DataFrame, list[str]]:
 def config_warnings(cells: pl.DataFrame) -> list[str]:
     """A warning per (split, task) scored under several configurations, and per task scored under
     a version other than the installed one."""
-    from neuronbench.harness.task import TASKS
+    from neuronbench.harness.suite.task import TASKS
 
     out = []
     for (split, task), group in cells.group_by(["split", "task"], maintain_order=True):

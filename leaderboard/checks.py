@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from neuronbench.harness.sites import SITE_KINDS
-from neuronbench.harness.validate import MAX_DESCRIPTORS
+from neuronbench.harness.engine.sites import SITE_KINDS
+from neuronbench.harness.engine.validate import MAX_DESCRIPTORS
 
 from .facts import TaskFacts
 from .submission import COLUMNS

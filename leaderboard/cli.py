@@ -38,8 +38,8 @@ def _validate(args) -> int:
 def _score(args) -> int:
     import polars as pl
 
-    from neuronbench.harness.runner import summary
-    from neuronbench.harness.task import read_hidden_seed
+    from neuronbench.harness.suite.runner import summary
+    from neuronbench.harness.suite.task import read_hidden_seed
 
     from .score import InvalidSubmission, ScoreConfig, score_submission
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import polars as pl
 
-from neuronbench.harness.cache import Cache
-from neuronbench.harness.method import Method, get_method
-from neuronbench.harness.records import to_frame
-from neuronbench.harness.runner import RunConfig, resolve_spec, timed_run
-from neuronbench.harness.task import TASKS, RunEnv
+from neuronbench.harness.engine.cache import Cache
+from neuronbench.harness.engine.method import Method, get_method
+from neuronbench.harness.engine.records import to_frame
+from neuronbench.harness.suite.runner import RunConfig, resolve_spec, timed_run
+from neuronbench.harness.suite.task import TASKS, RunEnv
 
 from .replay import Recorder
 from .submission import NAME_PATTERN, manifest, task_entry, write_submission

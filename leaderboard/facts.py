@@ -9,10 +9,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from neuronbench.harness.cache import Cache
-from neuronbench.harness.method import Method, MethodContext
-from neuronbench.harness.sites import NeuronIndex
-from neuronbench.harness.task import TASKS, RunEnv, TaskSpec
+from neuronbench.harness.engine.cache import Cache
+from neuronbench.harness.engine.method import Method, MethodContext
+from neuronbench.harness.engine.sites import NeuronIndex
+from neuronbench.harness.suite.task import TASKS, RunEnv, TaskSpec
 
 from .replay import checkpoint_step, example_ids
 
@@ -66,11 +66,11 @@ class _Probe(Method):
         self._stop(ctx, concept=ctx.concept)
 
     def stage_change(self, ctx):
-        from neuronbench.harness import zoo
+        from neuronbench.harness.engine import catalogue
 
         base = ctx.model.name.partition("@")[0]
         checkpoint_step(ctx.model)  # a stage pair the format can key, or a clear error
-        self._stop(ctx, steps=tuple(zoo.get_spec(base).hparams.checkpoints))
+        self._stop(ctx, steps=tuple(catalogue.get_spec(base).hparams.checkpoints))
 
     def descriptors(self, ctx, vocabulary):
         self._stop(ctx, vocabulary=tuple(vocabulary))

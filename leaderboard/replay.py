@@ -15,10 +15,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from neuronbench.harness.method import Method, MethodContext, NeuronScores
-from neuronbench.harness.models import LoadedModel
-from neuronbench.harness.sites import NeuronIndex, Site
-from neuronbench.harness.validate import check_output
+from neuronbench.harness.engine.method import Method, MethodContext, NeuronScores
+from neuronbench.harness.engine.models import LoadedModel
+from neuronbench.harness.engine.sites import NeuronIndex, Site
+from neuronbench.harness.engine.validate import check_output
 
 from .submission import COLUMNS, to_schema
 

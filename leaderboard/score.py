@@ -10,11 +10,11 @@ from pathlib import Path
 
 import polars as pl
 
-from neuronbench.harness import paths
-from neuronbench.harness.cache import Cache
-from neuronbench.harness.records import save_results, to_frame, utc_stamp
-from neuronbench.harness.runner import RunConfig, resolve_spec, timed_run
-from neuronbench.harness.task import TASKS, RunEnv
+from neuronbench.harness.engine import paths
+from neuronbench.harness.engine.cache import Cache
+from neuronbench.harness.engine.records import save_results, to_frame, utc_stamp
+from neuronbench.harness.suite.runner import RunConfig, resolve_spec, timed_run
+from neuronbench.harness.suite.task import TASKS, RunEnv
 
 from .checks import Problem
 from .replay import Replay

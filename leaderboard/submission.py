@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from neuronbench.harness import __version__, paths
+from neuronbench.harness import __version__
+from neuronbench.harness.engine import paths
 
 FORMAT_VERSION = 1
 MANIFEST = "submission.json"

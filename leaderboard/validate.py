@@ -12,8 +12,8 @@ from pathlib import Path
 from polars.exceptions import PanicException
 
 from neuronbench.harness import __version__
-from neuronbench.harness.runner import RunConfig, resolve_spec
-from neuronbench.harness.task import TASKS, TaskSpec
+from neuronbench.harness.suite.runner import RunConfig, resolve_spec
+from neuronbench.harness.suite.task import TASKS, TaskSpec
 
 from .checks import NULL, Problem, check_columns, check_rows, check_values
 from .facts import task_facts

@@ -19,7 +19,7 @@ Design (SEEDS.md section 3):
   token dropped) is at least `auroc_threshold`. Only the "fires more" direction counts; neurons
   with an empty truth set are not scored.
 - Planted truth: `n_planted` units appended to the FFN of `planted_layer` in a copy of the model
-  (see `harness.planting`; zero output weights, so outputs are unchanged). Unit j detects "the word
+  (see `tasks/_planting.py`; zero output weights, so outputs are unchanged). Unit j detects "the word
   carries a descriptor of D_j" (1-3 descriptors, seeded by the run seed): its input row is a
   balanced linear probe fitted on both halves. D_j is drawn so that the ideal unit (the exact
   indicator) has the data-grounded truth set D_j on the validation half, no more, no less; so a
@@ -46,18 +46,18 @@ import datasets
 import numpy as np
 import torch
 
-from neuronbench.harness.activations import collect_cached
-from neuronbench.harness.cache import data_fingerprint
-from neuronbench.harness.collect import CollectConfig
-from neuronbench.harness import metrics
-from neuronbench.harness.data import descriptor_matrix, load, subsample
-from neuronbench.harness.method import Method, MethodContext, NotApplicable, call_verb
-from neuronbench.harness.metrics import bootstrap_ci, precision_recall_at_k
-from neuronbench.harness.models import LoadedModel
-from neuronbench.harness.planting import Planted, ffn_inputs, fit_detectors, plant_units
-from neuronbench.harness.records import Record
-from neuronbench.harness.sites import Site
-from neuronbench.harness.task import RunEnv, TaskSpec, record, register_task
+from neuronbench.harness.engine.activations import collect_cached
+from neuronbench.harness.engine.cache import data_fingerprint
+from neuronbench.harness.engine.collect import CollectConfig
+from neuronbench.harness.engine import metrics
+from neuronbench.harness.engine.data import descriptor_matrix, load, subsample
+from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, call_verb
+from neuronbench.harness.engine.metrics import bootstrap_ci, precision_recall_at_k
+from neuronbench.harness.engine.models import LoadedModel
+from neuronbench.tasks._planting import Planted, ffn_inputs, fit_detectors, plant_units
+from neuronbench.harness.engine.records import Record
+from neuronbench.harness.engine.sites import Site
+from neuronbench.harness.suite.task import RunEnv, TaskSpec, record, register_task
 
 log = logging.getLogger(__name__)
 

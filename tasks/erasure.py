@@ -10,16 +10,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from neuronbench.harness.batching import Encoded, encode, make_batch, plan_batches
-from neuronbench.harness.collect import _autocast
-from neuronbench.harness.data import load, subsample
-from neuronbench.harness.hooks import site_hooks
-from neuronbench.harness.method import Method, MethodContext, MethodOutputError, NotApplicable, call_verb
-from neuronbench.harness.metrics import bootstrap_ci
-from neuronbench.harness.models import LoadedModel
-from neuronbench.harness.records import Record
-from neuronbench.harness.sites import Site
-from neuronbench.harness.task import RunEnv, TaskSpec, record, register_task
+from neuronbench.harness.engine.batching import Encoded, encode, make_batch, plan_batches
+from neuronbench.harness.engine.collect import _autocast
+from neuronbench.harness.engine.data import load, subsample
+from neuronbench.harness.engine.hooks import site_hooks
+from neuronbench.harness.engine.method import Method, MethodContext, MethodOutputError, NotApplicable, call_verb
+from neuronbench.harness.engine.metrics import bootstrap_ci
+from neuronbench.harness.engine.models import LoadedModel
+from neuronbench.harness.engine.records import Record
+from neuronbench.harness.engine.sites import Site
+from neuronbench.harness.suite.task import RunEnv, TaskSpec, record, register_task
 from neuronbench.tasks.prune import train_means
 
 log = logging.getLogger(__name__)

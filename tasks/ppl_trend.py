@@ -11,11 +11,11 @@ import math
 import numpy as np
 import torch
 
-from neuronbench.harness.data import load, subsample
-from neuronbench.harness.method import Method, MethodContext, NotApplicable, call_verb
-from neuronbench.harness.metrics import kendall, spearman
-from neuronbench.harness.task import RunEnv, TaskSpec, record, register_task
-from neuronbench.harness.zoo_train import lm_loss, token_stream
+from neuronbench.harness.engine.data import load, subsample
+from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, call_verb
+from neuronbench.harness.engine.metrics import kendall, spearman
+from neuronbench.harness.suite.task import RunEnv, TaskSpec, record, register_task
+from neuronbench.harness.zoo.train import lm_loss, token_stream
 
 SPEC = TaskSpec(
     name="ppl-trend", version=1, verb="stage_change", model="ptb-lm", data="ptb", sites="ffn",
@@ -27,9 +27,9 @@ SPEC = TaskSpec(
 
 
 def checkpoints(name: str) -> tuple[int, ...]:
-    from neuronbench.harness import zoo
+    from neuronbench.harness.engine import catalogue
 
-    return tuple(zoo.get_spec(name).hparams.checkpoints)
+    return tuple(catalogue.get_spec(name).hparams.checkpoints)
 
 
 @torch.no_grad()

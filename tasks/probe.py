@@ -46,16 +46,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neuronbench.harness.activations import collect_cached
-from neuronbench.harness.batching import encode
-from neuronbench.harness.collect import CollectConfig
-from neuronbench.harness.data import load, permute_labels, subsample
-from neuronbench.harness.method import Method, MethodContext, NotApplicable, call_verb
-from neuronbench.harness.metrics import bootstrap_ci
-from neuronbench.harness.models import LoadedModel, load_model
-from neuronbench.harness.ranking import rank_neurons, set_size
-from neuronbench.harness.records import Record
-from neuronbench.harness.task import RunEnv, TaskSpec, record, register_task
+from neuronbench.harness.engine.activations import collect_cached
+from neuronbench.harness.engine.batching import encode
+from neuronbench.harness.engine.collect import CollectConfig
+from neuronbench.harness.engine.data import load, permute_labels, subsample
+from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, call_verb
+from neuronbench.harness.engine.metrics import bootstrap_ci
+from neuronbench.harness.engine.models import LoadedModel, load_model
+from neuronbench.harness.engine.ranking import rank_neurons, set_size
+from neuronbench.harness.engine.records import Record
+from neuronbench.harness.suite.task import RunEnv, TaskSpec, record, register_task
 
 log = logging.getLogger(__name__)
 

@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from neuronbench.harness.activations import collect_cached
-from neuronbench.harness.collect import CollectConfig
-from neuronbench.harness.data import load
-from neuronbench.harness.intervene import ABLATION_MODES, MaskSet, evaluate_masks, gold_label_scores
-from neuronbench.harness.method import Method, MethodContext, NotApplicable, call_verb
-from neuronbench.harness.metrics import bootstrap_ci
-from neuronbench.harness.models import LoadedModel
-from neuronbench.harness.ranking import rank_neurons, set_size
-from neuronbench.harness.records import Record
-from neuronbench.harness.sites import NeuronIndex, Site
-from neuronbench.harness.task import RunEnv, TaskSpec, record, register_task
+from neuronbench.harness.engine.activations import collect_cached
+from neuronbench.harness.engine.collect import CollectConfig
+from neuronbench.harness.engine.data import load
+from neuronbench.harness.engine.intervene import ABLATION_MODES, MaskSet, evaluate_masks, gold_label_scores
+from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, call_verb
+from neuronbench.harness.engine.metrics import bootstrap_ci
+from neuronbench.harness.engine.models import LoadedModel
+from neuronbench.harness.engine.ranking import rank_neurons, set_size
+from neuronbench.harness.engine.records import Record
+from neuronbench.harness.engine.sites import NeuronIndex, Site
+from neuronbench.harness.suite.task import RunEnv, TaskSpec, record, register_task
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from neuronbench.harness.records import Record, save_results, to_frame
+from neuronbench.harness.engine.records import Record, save_results, to_frame
 
 CHROMIUM_INSTALL = "apt-get install -y chromium"  # with sudo when not root; .ci/run does it
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -14,9 +14,9 @@ import datasets
 import pytest
 import torch
 
-from neuronbench.harness.cache import Cache
-from neuronbench.harness.sites import Site
-from neuronbench.harness.tiny import tiny_model
+from neuronbench.harness.engine.cache import Cache
+from neuronbench.harness.engine.sites import Site
+from neuronbench.harness.zoo.tiny import tiny_model
 
 SETUP_COMMAND = "bash scripts/setup.sh --no-run"
 
@@ -93,7 +93,8 @@ def tmp_cache(tmp_path):
 def quick_zoo_home(tmp_path_factory, name: str, model: str):
     """A fresh NeuronBench home (set as `NEURONBENCH_HOME` inside the block) with the fetched
     corpora linked in and the tiny zoo entry `model` built."""
-    from neuronbench.harness import data, zoo
+    from neuronbench.harness.engine import data
+    from neuronbench.harness.zoo import build as zoo
 
     corpora = data.fetch_corpora()
     home = tmp_path_factory.mktemp(name)

@@ -11,8 +11,8 @@ from scipy.stats import rankdata
 
 from neuronbench.baselines.contrast import (Contrast, auroc, average_ranks, descriptor_matrix, rank_descriptors,
                                             word_activations)
-from neuronbench.harness.method import MethodContext, call_verb
-from neuronbench.harness.sites import Site
+from neuronbench.harness.engine.method import MethodContext, call_verb
+from neuronbench.harness.engine.sites import Site
 
 WORDS = [["the", "cat", "sat", "on", "the", "mat", "."], ["stocks", "rallied", "sharply", "yesterday"],
          ["unbelievably", "dull", "movie"], ["he", "quickly", "walked", "home", ",", "singing", "loudly"],
@@ -93,8 +93,8 @@ def _last_subword_acts(examples, n_words):
 def planted(tmp_path_factory, reference):
     """A tiny BERT, word data whose descriptor `hi` marks the words where neuron J of SITE is above
     its median (from plain hooks), `coin` a random descriptor, `every` one that always holds."""
-    from neuronbench.harness.cache import Cache
-    from neuronbench.harness.tiny import tiny_model
+    from neuronbench.harness.engine.cache import Cache
+    from neuronbench.harness.zoo.tiny import tiny_model
 
     model = tiny_model("bert", seed=2)
     data = datasets.Dataset.from_dict({"words": WORDS})

@@ -10,11 +10,11 @@ from torch import nn
 from neuronbench.baselines.diffmask import (LAGRANGE_MAX, LagrangeMultiplier, expected_l0,
                                             hard_concrete_sample)
 from neuronbench.baselines.integrated_gradients import integrated_gradients
-from neuronbench.harness.hooks import site_hooks
-from neuronbench.harness.method import MethodContext, call_verb, get_method
-from neuronbench.harness.objective import NoObjectiveError, gradient_batches, objective, run
-from neuronbench.harness.sites import Site
-from neuronbench.harness.tiny import tiny_model
+from neuronbench.harness.engine.hooks import site_hooks
+from neuronbench.harness.engine.method import MethodContext, call_verb, get_method
+from neuronbench.harness.engine.objective import NoObjectiveError, gradient_batches, objective, run
+from neuronbench.harness.engine.sites import Site
+from neuronbench.harness.zoo.tiny import tiny_model
 
 GRADIENT_METHODS = ("gradxact", "integrated-gradients", "diffmask")
 FAST = {"gradxact": {}, "integrated-gradients": {}, "diffmask": {"steps": 5}}

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from neuronbench.harness import probe as probe_mod
-from neuronbench.harness.collect import Collection, SiteStats
-from neuronbench.harness.method import MethodContext, call_verb, get_method
-from neuronbench.harness.probe import Features, keep_neurons, select_lambdas, train_probe
-from neuronbench.harness.sites import NeuronIndex, Site
-from neuronbench.harness.stats import LabelSums, Moments
-from neuronbench.harness.validate import check_output
+from neuronbench.baselines import _lca_probe as probe_mod
+from neuronbench.harness.engine.collect import Collection, SiteStats
+from neuronbench.harness.engine.method import MethodContext, call_verb, get_method
+from neuronbench.baselines._lca_probe import Features, keep_neurons, select_lambdas, train_probe
+from neuronbench.harness.engine.sites import NeuronIndex, Site
+from neuronbench.harness.engine.stats import LabelSums, Moments
+from neuronbench.harness.engine.validate import check_output
 from neuronbench.baselines.lca import neuron_ordering, ordering_scores, probe_data
 from neuronbench.baselines.probeless import probeless_scores
 
@@ -219,9 +219,9 @@ def test_lca_ranks_every_neuron_of_a_tiny_model_reproducibly(tiny, word_data, tm
 @pytest.mark.realmodel
 @pytest.mark.slow
 def test_lca_top_neurons_of_minilm_carry_pos_far_better_than_its_bottom_neurons(tmp_path):
-    from neuronbench.harness.cache import Cache
-    from neuronbench.harness.data import load
-    from neuronbench.harness.models import load_model
+    from neuronbench.harness.engine.cache import Cache
+    from neuronbench.harness.engine.data import load
+    from neuronbench.harness.engine.models import load_model
 
     start = time.perf_counter()
     model, corpus = load_model("minilm", device="cpu"), load("wsj-pos")

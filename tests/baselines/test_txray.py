@@ -14,8 +14,8 @@ import torch
 
 from neuronbench.baselines.txray import (StageComparison, TXRay, by_token_string, compare_tables, hellinger,
                                          neuron_metrics, relevance_scores, token_distributions)
-from neuronbench.harness.method import MethodContext, call_verb
-from neuronbench.harness.sites import NeuronIndex, Site
+from neuronbench.harness.engine.method import MethodContext, call_verb
+from neuronbench.harness.engine.sites import NeuronIndex, Site
 
 TEXTS = ["the cat sat on the mat .", "stocks rallied sharply yesterday .", "this movie is wonderful",
          "the plot was boring and badly written .", "he quickly walked home , singing loudly", "a dog"] * 2

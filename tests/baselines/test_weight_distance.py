@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from neuronbench.baselines.weight_distance import WeightDistance
-from neuronbench.harness.method import MethodContext, call_verb
-from neuronbench.harness.sites import Site
-from neuronbench.harness.tiny import TINY_ARCHS
+from neuronbench.harness.engine.method import MethodContext, call_verb
+from neuronbench.harness.engine.sites import Site
+from neuronbench.harness.zoo.tiny import TINY_ARCHS
 
 SITES = (Site.ffn(1), Site.resid(1))
 DATA = datasets.Dataset.from_dict({"text": ["the cat sat"]})

@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
-from neuronbench.harness.batching import encode
-from neuronbench.harness.bench import batch1_loop
-from neuronbench.harness.collect import CollectConfig, collect, run_batches
-from neuronbench.harness.data import load, subsample
-from neuronbench.harness.models import load_model
+from neuronbench.harness.engine.batching import encode
+from neuronbench.harness.suite.bench import batch1_loop
+from neuronbench.harness.engine.collect import CollectConfig, collect, run_batches
+from neuronbench.harness.engine.data import load, subsample
+from neuronbench.harness.engine.models import load_model
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 ROUNDS = 3

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.realmodel
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     # Keep corpora and zoo where set-up put them; give the cache its own folder.
-    from neuronbench.harness import paths
+    from neuronbench.harness.engine import paths
 
     monkeypatch.setattr(paths, "cache_dir", lambda: tmp_path / "cache")
 

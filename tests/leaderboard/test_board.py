@@ -12,9 +12,9 @@ from browser import chromium, config_hash, open_page, quick_results, synthetic_r
 
 from neuronbench.harness import __version__
 from neuronbench.harness.cli import main
-from neuronbench.harness.records import save_results
-from neuronbench.harness.sanity import verdict_path
-from neuronbench.harness.task import TASKS
+from neuronbench.harness.engine.records import save_results
+from neuronbench.harness.suite.verdicts import verdict_path
+from neuronbench.harness.suite.task import TASKS
 from neuronbench.leaderboard import board as lb
 
 __all__ = ["quick_results"]  # a shared session fixture

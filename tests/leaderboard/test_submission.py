@@ -12,12 +12,12 @@ import polars as pl
 import pytest
 import torch
 
-from neuronbench.harness.cache import Cache
+from neuronbench.harness.engine.cache import Cache
 from neuronbench.harness.cli import main
-from neuronbench.harness.method import METHODS, Method, MethodContext, NeuronScores, get_method
-from neuronbench.harness.records import to_frame
-from neuronbench.harness.runner import RunConfig, run_one, run_suite
-from neuronbench.harness.task import TASKS, RunEnv
+from neuronbench.harness.engine.method import METHODS, Method, MethodContext, NeuronScores, get_method
+from neuronbench.harness.engine.records import to_frame
+from neuronbench.harness.suite.runner import RunConfig, run_one, run_suite
+from neuronbench.harness.suite.task import TASKS, RunEnv
 from neuronbench.leaderboard.export import ExportConfig, export_submission
 from neuronbench.leaderboard.replay import Recorder, Replay, ReplayError
 from neuronbench.leaderboard.score import InvalidSubmission, ScoreConfig, score_submission

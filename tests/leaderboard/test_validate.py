@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from neuronbench.harness.sites import NeuronIndex, Site
-from neuronbench.harness.task import TASKS
+from neuronbench.harness.engine.sites import NeuronIndex, Site
+from neuronbench.harness.suite.task import TASKS
 from neuronbench.leaderboard import submission as sub
 from neuronbench.leaderboard import validate as val
 from neuronbench.leaderboard.checks import check_rows

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from neuronbench.harness.cache import Cache
-from neuronbench.harness.method import Method, get_method
-from neuronbench.harness.metrics import auroc
-from neuronbench.harness.planting import ffn_inputs, fit_detectors, plant_units
-from neuronbench.harness.sites import Site
-from neuronbench.harness.task import TASKS, RunEnv
-from neuronbench.harness.tiny import tiny_model, tiny_tokenizer
+from neuronbench.harness.engine.cache import Cache
+from neuronbench.harness.engine.method import Method, get_method
+from neuronbench.harness.engine.metrics import auroc
+from neuronbench.tasks._planting import ffn_inputs, fit_detectors, plant_units
+from neuronbench.harness.engine.sites import Site
+from neuronbench.harness.suite.task import TASKS, RunEnv
+from neuronbench.harness.zoo.tiny import tiny_model, tiny_tokenizer
 from neuronbench.tasks import descriptors as D
 from conftest import quick_zoo_home
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from neuronbench.harness import data
-from neuronbench.harness.batching import encode
-from neuronbench.harness.method import Method, MethodContext, MethodOutputError, get_method
-from neuronbench.harness.sites import Site
-from neuronbench.harness.task import RunEnv
-from neuronbench.harness.tiny import tiny_model, tiny_tokenizer
+from neuronbench.harness.engine import data
+from neuronbench.harness.engine.batching import encode
+from neuronbench.harness.engine.method import Method, MethodContext, MethodOutputError, get_method
+from neuronbench.harness.engine.sites import Site
+from neuronbench.harness.suite.task import RunEnv
+from neuronbench.harness.zoo.tiny import tiny_model, tiny_tokenizer
 from neuronbench.tasks import erasure
 from neuronbench.tasks.prune import train_means
 
@@ -48,7 +48,7 @@ def model(corpus):
 
 @pytest.fixture(scope="module")
 def means(model, corpus, tmp_path_factory):
-    from neuronbench.harness.cache import Cache
+    from neuronbench.harness.engine.cache import Cache
 
     sites = tuple(Site.resid(layer) for layer in LAYERS)
     return train_means(model, corpus.splits["train"], "erasure-test-train", sites,

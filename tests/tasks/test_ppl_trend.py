@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from neuronbench.harness.method import Method, get_method
-from neuronbench.harness.task import TASKS, RunEnv
+from neuronbench.harness.engine.method import Method, get_method
+from neuronbench.harness.suite.task import TASKS, RunEnv
 from neuronbench.tasks.ppl_trend import _correlations, checkpoints
 
 TASK = TASKS.get("ppl-trend")
@@ -13,7 +13,7 @@ TASK = TASKS.get("ppl-trend")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from neuronbench.harness.cache import Cache
+    from neuronbench.harness.engine.cache import Cache
 
     return RunEnv(seed=0, quick=True, cache=Cache(tmp_path_factory.mktemp("cache")), progress=False)
 
@@ -48,7 +48,7 @@ def test_same_seed_same_records(env):
 
 
 def test_a_method_without_stage_change_is_not_applicable(env):
-    from neuronbench.harness.runner import run_one
+    from neuronbench.harness.suite.runner import run_one
 
     class RelevanceOnly(Method):
         name = "relevance-only"

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from neuronbench.harness import data
-from neuronbench.harness.method import Method, MethodContext, get_method
-from neuronbench.harness.task import RunEnv
+from neuronbench.harness.engine import data
+from neuronbench.harness.engine.method import Method, MethodContext, get_method
+from neuronbench.harness.suite.task import RunEnv
 from neuronbench.tasks import probe
 
 QUICK = probe.SPEC.quick_version()
@@ -23,7 +23,7 @@ def _spec(base=QUICK, **params):
 
 @pytest.fixture(scope="module")
 def tiny_bert():
-    from neuronbench.harness.tiny import tiny_model
+    from neuronbench.harness.zoo.tiny import tiny_model
 
     return tiny_model("bert", "base", seed=0)
 

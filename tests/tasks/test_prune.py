@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from neuronbench.harness import data
-from neuronbench.harness.intervene import MaskSet, evaluate_masks, gold_label_scores
-from neuronbench.harness.method import Method, MethodContext, NeuronScores, get_method
-from neuronbench.harness.sites import NeuronIndex, Site
-from neuronbench.harness.task import RunEnv
-from neuronbench.harness.tiny import tiny_model, tiny_tokenizer
+from neuronbench.harness.engine import data
+from neuronbench.harness.engine.intervene import MaskSet, evaluate_masks, gold_label_scores
+from neuronbench.harness.engine.method import Method, MethodContext, NeuronScores, get_method
+from neuronbench.harness.engine.sites import NeuronIndex, Site
+from neuronbench.harness.suite.task import RunEnv
+from neuronbench.harness.zoo.tiny import tiny_model, tiny_tokenizer
 from neuronbench.tasks import prune
 from conftest import quick_zoo_home
 

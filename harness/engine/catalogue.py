@@ -1,0 +1,367 @@
+"""The model zoo's catalogue: what each entry is (a frozen `ZooSpec` with its recipe's
+hyper-parameters), where a built entry lives and whether it is intact (its manifest), and the
+`NAME@step` model references the model loader resolves. It imports no builder (`harness.zoo`
+builds entries), so the engine's model loader reads it directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .paths import zoo_dir
+
+KINDS = ("classifier", "trajectory", "hub")
+SCALES = ("full", "tiny")
+MANIFEST = "manifest.json"
+
+
+# --------------------------------------------------------------------------- recipes
+
+@dataclass(frozen=True)
+class ClassifierHP:
+    """How to fine-tune a sequence classifier on a sentence dataset.
+
+    Attributes:
+        init: model alias or folder to start from, or "tiny-bert" for a tiny random BERT
+            (`tiny.tiny_config`) with a word-level tokenizer of the train split (tiny builds).
+        data: registered sentence dataset, split with `seed` (80/10/10).
+        seed: split, initialisation, dropout and data-order seed.
+        lr, batch_size, max_length, epochs, warmup_frac, weight_decay, max_grad_norm: the AdamW
+            recipe; the learning rate warms up linearly over `warmup_frac` of the steps, then decays
+            linearly to 0. The epoch with the best dev accuracy is kept.
+        limit: at most this many examples per split (tiny builds); None keeps all.
+        probe_l2: L2 strengths tried for the frozen-feature probe; the best on dev is reported.
+    """
+
+    init: str = "minilm"
+    data: str = "polarity"
+    seed: int = 0
+    lr: float = 5e-5
+    batch_size: int = 32
+    max_length: int = 64
+    epochs: int = 3
+    warmup_frac: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    limit: int | None = None
+    probe_l2: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@dataclass(frozen=True)
+class TrajectoryHP:
+    """How to train a GPT-2 language model from scratch with a word-level tokenizer.
+
+    Attributes:
+        data: registered "lm" dataset with official splits (train, dev = validation).
+        seed: initialisation and data-order seed.
+        n_layer, n_embd, n_head: GPT-2 size; n_positions is `seq_len`.
+        seq_len, batch_size: training chunks of `seq_len` tokens of the train text (lines joined
+            with <eos>), `batch_size` chunks a step, in a seeded order reshuffled every epoch.
+        lr, warmup_steps, weight_decay, max_grad_norm: AdamW with linear warm-up, cosine decay to 0.
+        checkpoints: the steps saved (increasing); the last is the total number of steps.
+        eval_tokens: validation perplexity is measured on this many first tokens of dev.
+        train_lines: use only the first lines of train (tiny builds); None uses all.
+    """
+
+    data: str = "ptb"
+    seed: int = 0
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    seq_len: int = 64
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 80
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    checkpoints: tuple[int, ...] = (10, 16, 26, 43, 70, 115, 185, 300, 490, 800)
+    eval_tokens: int = 50_000
+    train_lines: int | None = None
+
+    def __post_init__(self) -> None:
+        steps = self.checkpoints
+        if not steps or steps[0] < 1 or any(b <= a for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"checkpoints={steps!r} must be increasing positive steps")
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A model on the Hugging Face hub: repo id and revision (None = the default branch)."""
+
+    repo: str
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """One zoo entry, declared.
+
+    Attributes:
+        name: what users type (`ptb-lm`, `ptb-lm@300`, `pythia-70m@step1000`).
+        kind: "classifier" (one model folder), "trajectory" (a folder per checkpoint step) or
+            "hub" (resolved to a hub id and revision, never built).
+        parent: the zoo or model alias it was made from, or None.
+        hparams: ClassifierHP, TrajectoryHP or HubRef, matching `kind`.
+        description: one line for `neuronbench models` and `zoo ls`.
+        scale: "full", or "tiny" for the few-second variants tests and `--quick` runs use.
+    """
+
+    name: str
+    kind: Literal["classifier", "trajectory", "hub"]
+    parent: str | None
+    hparams: ClassifierHP | TrajectoryHP | HubRef
+    description: str
+    scale: Literal["full", "tiny"] = "full"
+
+    def __post_init__(self) -> None:
+        want = {"classifier": ClassifierHP, "trajectory": TrajectoryHP, "hub": HubRef}.get(self.kind)
+        if want is None or not isinstance(self.hparams, want):
+            raise ValueError(f"zoo entry {self.name!r}: kind {self.kind!r} must be one of {KINDS} "
+                             f"with hparams of its type, got {type(self.hparams).__name__}")
+        if "@" in self.name or self.scale not in SCALES:
+            raise ValueError(f"zoo entry {self.name!r}: names hold no '@'; scale is one of {SCALES}")
+
+
+@dataclass
+class Manifest:
+    """How an entry was made; stored as manifest.json beside its weights.
+
+    `files` maps each file (relative path) to its size in bytes. `path` and `cached` (True when
+    `build` found the entry already built) describe this copy and are not stored.
+    """
+
+    name: str
+    kind: str
+    parent: str | None
+    scale: str
+    seed: int | None
+    data: dict | None
+    hparams: dict
+    step: int | None
+    metrics: dict
+    files: dict[str, int]
+    versions: dict[str, str | None]
+    harness_version: str
+    machine: dict
+    wall_time_s: float
+    created: str
+    path: Path | None = field(default=None, compare=False)
+    cached: bool = field(default=False, compare=False)
+
+    @classmethod
+    def stored_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("path", "cached"))
+
+    def to_json(self) -> dict:
+        return {name: getattr(self, name) for name in self.stored_fields()}
+
+    @classmethod
+    def from_json(cls, obj: dict, path: Path | None = None) -> Manifest:
+        missing = [n for n in cls.stored_fields() if n not in obj]
+        if missing:
+            raise ValueError(f"manifest lacks {missing}")
+        return cls(**{n: obj[n] for n in cls.stored_fields()}, path=path)
+
+
+@dataclass(frozen=True)
+class EntryStatus:
+    """Where an entry stands: state "built", "missing", "corrupt", "stale" (built with other
+    hyper-parameters) or "hub"; `reason` says why; `manifest` is set when built or stale."""
+
+    name: str
+    state: Literal["built", "missing", "corrupt", "stale", "hub"]
+    reason: str
+    path: Path | None
+    manifest: Manifest | None = None
+
+    @property
+    def built(self) -> bool:
+        return self.state == "built"
+
+
+# --------------------------------------------------------------------------- registry
+
+_ENTRIES: dict[str, ZooSpec] = {}
+
+
+def register_entry(spec: ZooSpec, tiny: ClassifierHP | TrajectoryHP | None = None) -> ZooSpec:
+    """Add `spec` (and `<name>-tiny` built with `tiny` hyper-parameters) to the zoo.
+
+    Every name becomes a model name (`aliases`); so does `<name>@<step>` for each declared
+    trajectory step.
+
+    Raises:
+        ValueError: a name is already taken.
+    """
+    specs = [spec]
+    if tiny is not None:
+        specs.append(dataclasses.replace(spec, name=f"{spec.name}-tiny", hparams=tiny, scale="tiny",
+                                         parent=None, description=f"tiny test variant of {spec.name}"))
+    for s in specs:
+        if s.name in _ENTRIES:
+            raise ValueError(f"zoo entry {s.name!r} is already registered")
+        _ENTRIES[s.name] = s
+    return spec
+
+
+def entries() -> tuple[ZooSpec, ...]:
+    """Every zoo entry, in registration order."""
+    return tuple(_ENTRIES.values())
+
+
+def get_spec(name: str) -> ZooSpec:
+    """The spec of entry `name` (without any `@step`).
+
+    Raises:
+        KeyError: unknown name, with close matches.
+    """
+    if name in _ENTRIES:
+        return _ENTRIES[name]
+    close = difflib.get_close_matches(name, list(_ENTRIES), n=3)
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    raise KeyError(f"unknown zoo entry {name!r}: {hint}Zoo entries: {', '.join(_ENTRIES)} "
+                   "(`neuronbench zoo ls` lists them)")
+
+
+def scaled_name(name: str, scale: str = "full") -> str:
+    """The entry `build(name, scale=scale)` builds: `<name>-tiny` for tiny local entries."""
+    if scale not in SCALES:
+        raise ValueError(f"scale={scale!r} must be one of {SCALES}")
+    spec = get_spec(name)
+    if scale == "full" or spec.kind == "hub" or spec.scale == "tiny":
+        return spec.name
+    return get_spec(f"{spec.name}-tiny").name
+
+
+def entry_dir(name: str) -> Path:
+    """The folder of local entry `name` (it may not exist yet)."""
+    return zoo_dir() / get_spec(name).name
+
+
+def step_dir(root: Path, step: int) -> Path:
+    """The folder of a trajectory's checkpoint at `step`."""
+    return root / f"step-{step:06d}"
+
+
+def aliases() -> dict[str, str]:
+    """Every model name the zoo answers (entries, and `NAME@step` per declared trajectory step)
+    -> one line for `neuronbench models`."""
+    out = {}
+    for spec in entries():
+        out[spec.name] = f"{spec.description} [{'hub' if spec.kind == 'hub' else 'zoo'}]"
+        if spec.kind == "trajectory":
+            out.update({f"{spec.name}@{step}": f"{spec.name} checkpoint at step {step} [zoo]"
+                        for step in spec.hparams.checkpoints})
+    return out
+
+
+# --------------------------------------------------------------------------- status
+
+def status(name: str) -> EntryStatus:
+    """Check entry `name` on disk: manifest present and parseable, built with the current
+    hyper-parameters, every recorded file present at its recorded size."""
+    spec = get_spec(name)
+    if spec.kind == "hub":
+        return EntryStatus(spec.name, "hub", "on the Hugging Face hub, not stored locally", None)
+    folder = entry_dir(spec.name)
+    if not folder.is_dir():
+        return EntryStatus(spec.name, "missing", "not built", folder)
+    try:
+        manifest = Manifest.from_json(json.loads((folder / MANIFEST).read_text()), folder)
+    except FileNotFoundError:
+        return EntryStatus(spec.name, "corrupt", f"no {MANIFEST}", folder)
+    except (ValueError, TypeError) as err:
+        return EntryStatus(spec.name, "corrupt", f"unreadable {MANIFEST} ({err})", folder)
+    problem = _check_files(folder, manifest.files)
+    if problem:
+        return EntryStatus(spec.name, "corrupt", problem, folder)
+    if manifest.hparams != _jsonable(dataclasses.asdict(spec.hparams)):
+        return EntryStatus(spec.name, "stale", "built with other hyper-parameters", folder, manifest)
+    return EntryStatus(spec.name, "built", f"built {manifest.created}", folder, manifest)
+
+
+def _check_files(folder: Path, files: object) -> str | None:
+    if not isinstance(files, dict) or not files:
+        return "manifest lists no files"
+    for rel, size in files.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != size:
+            return f"{rel} has {path.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
+
+
+# --------------------------------------------------------------------------- resolving
+
+def locate(name: str) -> tuple[str, str | None] | None:
+    """(model id or folder, hub revision or None) of a zoo name, or None if it is not one.
+
+    `ptb-lm` is the last checkpoint, `ptb-lm@300` (or `@step300`) the one at step 300;
+    `pythia-70m@step1000` is ("EleutherAI/pythia-70m", "step1000").
+
+    Raises:
+        FileNotFoundError: a local entry that is not built (or is damaged): run `zoo build`.
+        KeyError: a step the trajectory does not have, or `@` on a classifier.
+    """
+    base, at, suffix = name.partition("@")
+    spec = _ENTRIES.get(base)
+    if spec is None:
+        return None
+    if spec.kind == "hub":
+        return spec.hparams.repo, (suffix if at else spec.hparams.revision)
+    if at and spec.kind != "trajectory":
+        raise KeyError(f"zoo entry {base!r} is a {spec.kind} with no checkpoints; drop '@{suffix}'")
+    step = _parse_step(spec, suffix) if at else None
+    st = status(base)
+    if not st.built:
+        raise FileNotFoundError(f"zoo model {base!r} is {st.state} ({st.reason}): run "
+                                f"`neuronbench zoo build {base}` to build it")
+    if spec.kind == "classifier":
+        return str(st.path), None
+    return str(step_dir(st.path, step or spec.hparams.checkpoints[-1])), None
+
+
+def resolve_zoo(name: str) -> str | None:
+    """The local folder or hub id of zoo name `name` (see `locate`), or None if it is not one."""
+    found = locate(name)
+    return found[0] if found else None
+
+
+def _parse_step(spec: ZooSpec, suffix: str) -> int:
+    steps = spec.hparams.checkpoints
+    text = suffix[4:] if suffix.startswith("step") else suffix
+    if text.isdigit() and int(text) in steps:
+        return int(text)
+    near = [min(steps, key=lambda s: abs(s - int(text)))] if text.isdigit() else []
+    hint = f"did you mean {spec.name}@{near[0]}? " if near else ""
+    raise KeyError(f"{spec.name!r} has no checkpoint {suffix!r}: {hint}its steps are "
+                   f"{', '.join(map(str, steps))}")
+
+
+# --------------------------------------------------------------------------- the entries
+
+register_entry(
+    ZooSpec("minilm-polarity", "classifier", "minilm", ClassifierHP(),
+            "all-MiniLM-L6-v2 fully fine-tuned on the Pang & Lee polarity sentences"),
+    tiny=ClassifierHP(init="tiny-bert", lr=3e-3, batch_size=32, max_length=32, epochs=3, limit=None,
+                      probe_l2=(1e-2,)))
+register_entry(
+    ZooSpec("ptb-lm", "trajectory", None, TrajectoryHP(),
+            "2-layer 128-wide GPT-2 trained from scratch on PTB; ptb-lm@STEP for its 10 checkpoints"),
+    tiny=TrajectoryHP(n_embd=32, n_head=2, seq_len=16, batch_size=4, warmup_steps=2,
+                      checkpoints=(1, 2, 3, 5, 8), eval_tokens=512, train_lines=500))
+register_entry(ZooSpec("pythia-70m", "hub", None, HubRef("EleutherAI/pythia-70m"),
+                       "Pythia 70M; pythia-70m@stepN is its training checkpoint N"))
+register_entry(ZooSpec("bert-base-uncased", "hub", None, HubRef("bert-base-uncased"),
+                       "BERT base, uncased"))
+register_entry(ZooSpec("bert-base-uncased-sst2", "hub", "bert-base-uncased",
+                       HubRef("textattack/bert-base-uncased-SST-2"), "BERT base fine-tuned on SST-2 (TextAttack)"))

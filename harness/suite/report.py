@@ -1,0 +1,195 @@
+"""`neuronbench report`: one self-contained HTML page for a results folder (plots and headline table).
+
+The headline cells and the methods table built here are shared with the leaderboard pages.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from html import escape
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+
+from . import html
+from ..engine import paths
+from .plots import task_plot
+from ..engine.records import CONFIG, RESULTS, load_results
+from .verdicts import sanity_flags
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+COLUMN_KEY = ("split", "task", "task_version", "config_hash", "metric")
+
+
+def headline_of(task: str, config: dict | None = None) -> str | None:
+    """The headline metric of `task`: from the task registry, else from the spec recorded in a
+    run's `config` (a task this install does not have), else None."""
+    from .task import TASKS
+
+    if task in TASKS.names():
+        return TASKS.get(task).spec.headline
+    return ((config or {}).get("tasks", {}).get(task) or {}).get("headline")
+
+
+def headline_cells(frame: pl.DataFrame, headlines: dict[str, str]) -> pl.DataFrame:
+    """One row per (split, task, task_version, config_hash, method): its headline record, or its
+    `not_applicable`/`error` record when it has no headline.
+
+    Args:
+        frame: long-format records (see `records.SCHEMA`).
+        headlines: task name -> headline metric; tasks not in it are left out.
+    """
+    ids = ["split", "task", "task_version", "config_hash", "method"]
+    keep = pl.lit(False)
+    for task, metric in headlines.items():
+        keep = keep | ((pl.col("task") == task) & ((pl.col("metric") == metric) | (pl.col("status") != "ok")))
+    sub = frame.filter(keep).with_columns(head=(pl.col("status") == "ok").cast(pl.Int8))
+    sub = sub.sort([*ids, "head"], descending=[False] * len(ids) + [True]).unique(ids, keep="first",
+                                                                                   maintain_order=True)
+    metric = pl.col("task").replace_strict(headlines, default=None)
+    return sub.with_columns(metric=metric).select([*COLUMN_KEY, "method", "value", "ci_low", "ci_high", "status"])
+
+
+def column_id(key: tuple) -> str:
+    split, task, version, config_hash, _ = key
+    return f"{split}/{task}/v{version}/{config_hash}"
+
+
+def table_columns(cells: pl.DataFrame) -> list[html.Column]:
+    """One column per (split, task, version, config) in `cells`, each flagged when the task's
+    stored sanity check failed at that config."""
+    keys = sorted(set(cells.select(COLUMN_KEY).iter_rows()))
+    splits = {k[0] for k in keys}
+    columns = [html.Column("method", "method")]
+    for key in keys:
+        split, task, version, config_hash, metric = key
+        sub = f"{metric} · v{version} · {config_hash[:8]}" + (f" · {split}" if len(splits) > 1 else "")
+        flag = sanity_flags({task: config_hash}).get(task, "")
+        columns.append(html.Column(column_id(key), task, sub, flag))
+    return columns
+
+
+def methods_table(cells: pl.DataFrame, methods: list[str], table_id: str,
+                  link: Callable[[str], str | None] | None = None) -> str:
+    """The methods x tasks table of headline values with intervals (sortable).
+
+    Args:
+        cells: `headline_cells` output; optional `rank` (int) and `tied` (bool) columns add a rank
+            badge ("=2" for a shared rank) before each value.
+        methods: one row each, in this order.
+        table_id: the table's HTML id.
+        link: method -> relative URL of its page, or None for no link.
+    """
+    rows = {m: {"method": _method_cell(m, link)} for m in methods}
+    has_rank = "rank" in cells.columns
+    for r in cells.iter_rows(named=True):
+        if r["method"] not in rows:
+            continue
+        prefix = ""
+        if has_rank and r["rank"] is not None:
+            mark = "=" if r["tied"] else ""
+            prefix = f'<span class="rank" title="rank">{mark}{r["rank"]}</span> '
+        rows[r["method"]][column_id(tuple(r[c] for c in COLUMN_KEY))] = html.interval_cell(
+            r["value"], r["ci_low"], r["ci_high"], r["status"], prefix)
+    return html.table(table_columns(cells), list(rows.values()), table_id)
+
+
+def _method_cell(method: str, link: Callable[[str], str | None] | None) -> html.Cell:
+    url = link(method) if link else None
+    inner = f'<a href="{escape(url)}">{escape(method)}</a>' if url else escape(method)
+    return html.Cell(inner, method)
+
+
+def task_figures(frame: pl.DataFrame) -> list[tuple[str, bytes]]:
+    """(task, PNG) for each task in `frame` that has a plot, in task-name order."""
+    out = []
+    for task in sorted(frame["task"].unique()):
+        png = task_plot(task, frame)
+        if png is not None:
+            out.append((task, png))
+    return out
+
+
+def build_report(frame: pl.DataFrame, config: dict) -> tuple[str, dict[str, bytes]]:
+    """The report page and its figures (task -> PNG) for one run's records and config."""
+    if frame.is_empty():
+        raise ValueError("the results hold no records: re-run `neuronbench run --out DIR` and report DIR")
+    headlines = {t: h for t in sorted(frame["task"].unique()) if (h := headline_of(t, config))}
+    cells = headline_cells(frame, headlines)
+    methods = sorted(frame["method"].unique())
+    figures = dict(task_figures(frame))
+    body = ["<h1>NeuronBench report</h1>", _run_facts(frame, config), "<h2>Headline metrics</h2>",
+            methods_table(cells, methods, "headlines"),
+            "<p class=sub>Value [95% bootstrap interval]; click a column header to sort. "
+            "n/a: the method does not implement the task's verb.</p>"]
+    specs = config.get("tasks", {})
+    for task in sorted(frame["task"].unique()):
+        body.append(f'<h2 id="task-{escape(task)}">{escape(task)}</h2>')
+        if specs.get(task, {}).get("description"):
+            body.append(f"<p>{escape(specs[task]['description'])}</p>")
+        if task in figures:
+            body.append(html.png_figure(figures[task], f"{task} plot"))
+    return html.page("NeuronBench report", "\n".join(body)), figures
+
+
+def _run_facts(frame: pl.DataFrame, config: dict) -> str:
+    run = config.get("config", {})
+    facts = {"run": config.get("run_id", "?"), "harness version": config.get("harness_version", "?"),
+             "split": ", ".join(sorted(frame["split"].unique())), "quick": str(run.get("quick", "?")),
+             "seed": str(run.get("seed", "?")), "models": ", ".join(sorted(frame["model"].unique()))}
+    items = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in facts.items())
+    return f'<dl class="meta">{items}</dl>'
+
+
+def read_results(folder: Path) -> tuple[pl.DataFrame, dict]:
+    """`load_results`, with an error naming the fix when `config.json` is missing."""
+    folder = Path(folder)
+    if (folder / RESULTS).is_file() and not (folder / CONFIG).is_file():
+        raise FileNotFoundError(f"no {CONFIG} in {folder}: copy the run's {CONFIG} beside its {RESULTS}")
+    return load_results(folder)
+
+
+def plots_dir(page: Path) -> Path:
+    """The folder of a page's PNGs: `report-plots/` beside `report.html`."""
+    return page.with_name(f"{page.stem}-plots")
+
+
+def write_report(folder: Path, out: Path | None = None) -> Path:
+    """Write the report of the results in `folder` (default `folder/report.html`, self-contained)
+    and its PNGs in `plots_dir` beside it; both replaced atomically. Returns the page's path.
+
+    Args:
+        folder: a folder written by `neuronbench run --out`.
+        out: the HTML file to write instead of `folder/report.html`.
+    """
+    frame, config = read_results(folder)
+    out = Path(out) if out else Path(folder) / REPORT_FILE
+    pngs = plots_dir(out)
+    if pngs.exists() and any(p.suffix != ".png" for p in pngs.iterdir()):
+        raise ValueError(f"{pngs} holds files other than plots and would be replaced: pass another --out")
+    page, figures = build_report(frame, config)
+    with paths.atomic_dir(pngs) as tmp:
+        for task, png in figures.items():
+            (tmp / f"{task}.png").write_bytes(png)
+        tmp.chmod(0o755)  # temp files and folders are private; a report is for reading
+    paths.atomic_write_text(out, page)
+    out.chmod(0o644)
+    log.info("wrote %s with %d figures", out, len(figures))
+    return out
+
+
+def _report(args) -> int:
+    path = write_report(Path(args.results), Path(args.out) if args.out else None)
+    print(f"wrote {path}")
+    return 0
+
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    """The `neuronbench report` verb."""
+    p = sub.add_parser("report", help="write the HTML report of a results folder")
+    p.add_argument("results", help="a folder written by `neuronbench run --out`")
+    p.add_argument("--out", help="HTML file to write (default: RESULTS/report.html)")
+    p.set_defaults(fn=_report)

@@ -1,0 +1,121 @@
+"""The suite runner: every selected task with every applicable method, as one recorded run."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import polars as pl
+
+from ..engine.cache import Cache
+from ..engine.method import METHODS, Method, get_method
+from ..engine.records import Record, headline_table, save_results, to_frame, utc_stamp
+from .task import TASKS, RunEnv, Task, TaskSpec, record
+from .verdicts import sanity_flags
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What `run_suite` runs.
+
+    Attributes:
+        tasks: task names (empty = all registered).
+        methods: method names or `module:Class` (empty = every registered baseline).
+        model: replace each task's model (a compatible model of your own), or None.
+        quick: apply each task's `--quick` overrides (tiny models, fewer k, seeds and examples).
+        seed: the run's seed (method randomness, random neuron sets, bootstrap).
+        out: folder for results.parquet and config.json, or None.
+        split: which scoring examples: `public` (fixed by each spec) or `hidden` (drawn with the
+            scorer's secret seed, passed to `run_suite` and never written anywhere).
+    """
+
+    tasks: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    model: str | None = None
+    quick: bool = False
+    seed: int = 0
+    out: str | None = None
+    split: str = "public"
+
+
+def resolve_spec(task: Task, config: RunConfig) -> TaskSpec:
+    spec = task.spec.quick_version() if config.quick else task.spec
+    return replace(spec, model=config.model) if config.model else spec
+
+
+def run_one(task: Task, spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
+    """`task` scored for `method`, or its not-applicable record; every record says which scoring
+    split (`env.split`) scored it."""
+    return [replace(r, split=env.split) for r in _score(task, spec, method, env)]
+
+
+def timed_run(task: Task, spec: TaskSpec, method: Method, env: RunEnv,
+              announce: str | None = None) -> tuple[list[Record], float]:
+    """`run_one` and its wall time in seconds (to 0.01); prints `announce` first when given."""
+    start = time.perf_counter()
+    if announce:
+        print(announce, flush=True)
+    records = run_one(task, spec, method, env)
+    return records, round(time.perf_counter() - start, 2)
+
+
+def _score(task: Task, spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
+    if not method.supports(spec.verb):
+        log.info("%s does not implement %s: not applicable to %s", method.name, spec.verb, spec.name)
+        return [record(spec, method.name, f"{spec.name}.not_applicable", None, env.seed, status="not_applicable")]
+    try:
+        return task.score(spec, method, env)
+    except NotImplementedError as err:  # e.g. a gradient method on a model without a task head
+        log.warning("%s on %s: not applicable (%s)", method.name, spec.name, err)
+        return [record(spec, method.name, f"{spec.name}.not_applicable", None, env.seed, status="not_applicable")]
+
+
+def run_suite(config: RunConfig, progress: bool = True,
+              hidden_seed: int | None = None) -> tuple[pl.DataFrame, dict]:
+    """Run the suite; returns the long-format records and the run's config record.
+
+    Args:
+        config: what to run.
+        progress: print a line per task and method.
+        hidden_seed: the scorer's secret seed, needed for `config.split == "hidden"`.
+    """
+    task_names = config.tasks or tuple(TASKS.names())
+    method_names = config.methods or tuple(METHODS.names())
+    tasks = [TASKS.get(n) for n in task_names]  # unknown names fail here, before any work
+    methods = [get_method(n) for n in method_names]
+    env = RunEnv(seed=config.seed, quick=config.quick, cache=Cache(), progress=progress,
+                 split=config.split, hidden_seed=hidden_seed)
+    run_id = uuid.uuid4().hex[:12]
+    records: list[Record] = []
+    timings = {}
+    for task in tasks:
+        spec = resolve_spec(task, config)
+        for method in methods:
+            got, timings[f"{spec.name}/{method.name}"] = timed_run(
+                task, spec, method, env, f"[{task.spec.name}] {method.name} ..." if progress else None)
+            records.extend(got)
+    specs = {t.spec.name: asdict(resolve_spec(t, config)) for t in tasks}
+    record_config = {"run_id": run_id, "created": utc_stamp(),
+                     "config": asdict(config), "tasks": specs,
+                     "fingerprints": {n: resolve_spec(TASKS.get(n), config).fingerprint() for n in task_names},
+                     "methods": [m.name for m in methods], "seconds": timings}
+    frame = to_frame(records, run_id)
+    if config.out:
+        save_results(frame, record_config, Path(config.out))
+    return frame, record_config
+
+
+def summary(frame: pl.DataFrame) -> pl.DataFrame:
+    """The tasks x methods table of headline metrics with intervals; the column of a task whose
+    stored sanity check failed (see `neuronbench sanity`) is marked `SANITY FAILED`."""
+    heads = {}
+    for name in frame["task"].unique().to_list():
+        heads[name] = TASKS.get(name).spec.headline
+    table = headline_table(frame, heads)
+    hashes = dict(frame.select("task", "config_hash").unique(subset="task").iter_rows())
+    flagged = sanity_flags(hashes)
+    return table.rename({c: f"{c} SANITY FAILED" for c in table.columns if c.split(" ")[0] in flagged})
