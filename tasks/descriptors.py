@@ -57,7 +57,7 @@ from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.tasks._planting import Planted, ffn_inputs, fit_detectors, plant_units
 from neuronbench.harness.engine.records import Record
 from neuronbench.harness.engine.sites import Site
-from neuronbench.harness.suite.task import RunEnv, TaskSpec, record, register_task
+from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,47 @@ STOP_WORDS = ("a", "about", "after", "all", "an", "and", "any", "are", "as", "at
               "the", "their", "them", "then", "there", "these", "they", "this", "those", "to", "up", "was",
               "we", "were", "what", "when", "which", "who", "will", "with", "would", "you", "your")
 
+@dataclass(frozen=True)
+class Params(TaskParams):
+    """descriptors' parameters.
+
+    Attributes:
+        vocabulary: the descriptors a method may name (`pos:TAG`, surface classes).
+        stop_words: the words the `stop` descriptor holds for.
+        auroc_threshold: the held-out AUROC at which a descriptor is true of a neuron, in (0.5, 1).
+        min_positive: words a descriptor needs in each half to be asked about.
+        n_planted, max_planted_size: planted units, and the most descriptors one unit detects.
+        planted_layer: the FFN layer the units are planted in (negative counts from the end).
+        planted_gain, ridge: the planted detectors' gain and ridge penalty.
+        ks: the k of P@k and R@k.
+        bootstrap: bootstrap resamples of each interval.
+        limit: sentences of the tagged data used (None = all).
+    """
+
+    vocabulary: tuple[str, ...]
+    stop_words: tuple[str, ...]
+    auroc_threshold: float
+    min_positive: int
+    n_planted: int
+    planted_layer: int
+    max_planted_size: int
+    planted_gain: float
+    ridge: float
+    ks: tuple[int, ...]
+    bootstrap: int
+    limit: int | None
+
+    def __post_init__(self) -> None:
+        if not 0.5 < self.auroc_threshold < 1:
+            raise ValueError(f"descriptors: auroc_threshold={self.auroc_threshold!r} must be in (0.5, 1)")
+        for name in ("min_positive", "n_planted", "max_planted_size", "bootstrap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"descriptors: {name}={value!r} must be a positive integer")
+        if not self.ks or any(not isinstance(k, int) or k < 1 for k in self.ks):
+            raise ValueError(f"descriptors: ks={self.ks!r} must be positive integers, e.g. (1, 2, 5)")
+
+
 # Headline (version 2): P@2 minus the P@2 of the method's own answers shuffled across neurons
 # (`p_gap`), no skill = 0. Version 1's headline, P@2 against uniform chance (0.045), failed its
 # sanity check: `contrast` asked about a re-initialised MiniLM still got P@2 0.118 [0.105, 0.131]
@@ -83,10 +124,9 @@ STOP_WORDS = ("a", "about", "after", "all", "an", "and", "any", "are", "as", "at
 SPEC = TaskSpec(
     name="descriptors", version=2, verb="descriptors", model="minilm", data="wsj-pos", sites="resid",
     headline="descriptors.data.p_gap@2", no_skill=0.0,
-    params=(("vocabulary", VOCABULARY), ("stop_words", STOP_WORDS), ("auroc_threshold", 0.8),
-            ("min_positive", 20), ("n_planted", 36), ("planted_layer", -1), ("max_planted_size", 3),
-            ("planted_gain", 10.0), ("ridge", 1e-3), ("ks", (1, 2, 5)), ("bootstrap", 1000),
-            ("limit", None)),
+    params=Params(vocabulary=VOCABULARY, stop_words=STOP_WORDS, auroc_threshold=0.8, min_positive=20,
+                  n_planted=36, planted_layer=-1, max_planted_size=3, planted_gain=10.0, ridge=1e-3,
+                  ks=(1, 2, 5), bootstrap=1000, limit=None),
     quick=(("model", "minilm-polarity-tiny"), ("n_planted", 12), ("bootstrap", 200), ("limit", 300)),
     description="P@k/R@k of per-neuron descriptors vs held-out AUROC truth (resid) and planted FFN units")
 
@@ -224,11 +264,12 @@ def part_records(spec: TaskSpec, method: str, seed: int, part: str, answer, trut
 def _halves(spec: TaskSpec):
     """The calibration and validation halves (tagged), and the tag names."""
     corpus = load(spec.data, seed=spec.split_seed, fractions=(0.5, 0.5, 0.0))
-    limit = spec.param("limit")
+    p = Params.of(spec)
+    limit = p.limit
     halves = [corpus.splits[s] for s in ("train", "dev")]
     if limit is not None:
         halves = [subsample(h, max(1, limit // 2), spec.split_seed) for h in halves]
-    unknown = sorted(set(corpus.label_names) - {d[4:] for d in spec.param("vocabulary") if d.startswith("pos:")})
+    unknown = sorted(set(corpus.label_names) - {d[4:] for d in p.vocabulary if d.startswith("pos:")})
     if unknown:
         raise ValueError(f"descriptors: tags {unknown} of {spec.data!r} are not in the vocabulary; add `pos:` entries")
     return halves, corpus.label_names
@@ -249,34 +290,34 @@ class _Setup:
 
 def _prepare(spec: TaskSpec, model: LoadedModel, cfg: CollectConfig, seed: int) -> _Setup:
     """Describe both halves, draw the planted sets and plant their units into a copy of `model`."""
-    p = dict(spec.params)
-    vocab, thr = tuple(p["vocabulary"]), float(p["auroc_threshold"])
+    p = Params.of(spec)
+    vocab, thr = tuple(p.vocabulary), float(p.auroc_threshold)
     (calib_raw, valid_raw), tags = _halves(spec)
-    calib, valid = (describe_dataset(h, tags, tuple(p["stop_words"])) for h in (calib_raw, valid_raw))
+    calib, valid = (describe_dataset(h, tags, tuple(p.stop_words)) for h in (calib_raw, valid_raw))
     both = datasets.concatenate_datasets([calib, valid])
-    layer = p["planted_layer"] % model.num_layers
+    layer = p.planted_layer % model.num_layers
     inputs, kept = ffn_inputs(model, layer, both, cfg.max_length, cfg.max_tokens)
     labels = descriptor_labels(both, vocab)
     n_cal = sum(len(w) for w in calib["words"])
     labels_c, labels_v = labels[:n_cal][kept[:n_cal]], labels[n_cal:][kept[n_cal:]]
-    supported = (labels_c.sum(0) >= p["min_positive"]) & (labels_v.sum(0) >= p["min_positive"])
-    sets = choose_planted_sets(labels_v, supported, int(p["n_planted"]), int(p["max_planted_size"]), thr,
+    supported = (labels_c.sum(0) >= p.min_positive) & (labels_v.sum(0) >= p.min_positive)
+    sets = choose_planted_sets(labels_v, supported, int(p.n_planted), int(p.max_planted_size), thr,
                                np.random.default_rng(seed))
     targets = np.stack([labels[:, list(s)].any(1) for s in sets], 1)
-    weight, bias = fit_detectors(inputs[kept], targets[kept], float(p["ridge"]), float(p["planted_gain"]))
+    weight, bias = fit_detectors(inputs[kept], targets[kept], float(p.ridge), float(p.planted_gain))
     planted = plant_units(model, layer, weight, bias, seed=seed)
     return _Setup(calib, valid, labels_v, kept[n_cal:], supported, planted, sets)
 
 
-@register_task(SPEC)
+@register_task(SPEC, Params)
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     """Plant units, ask `method.descriptors` on the calibration half (resid sites + the planted
     FFN site) with the supported vocabulary, and score its rankings against the validation-half
     and planted truths."""
-    p = dict(spec.params)
-    vocab, thr, ks, n_boot = tuple(p["vocabulary"]), float(p["auroc_threshold"]), p["ks"], int(p["bootstrap"])
+    p = Params.of(spec)
+    vocab, thr, ks, n_boot = tuple(p.vocabulary), float(p.auroc_threshold), p.ks, int(p.bootstrap)
     model = env.model(spec.model)
-    cfg = CollectConfig(sites=(*model.sites(spec.sites), Site.ffn(p["planted_layer"] % model.num_layers)),
+    cfg = CollectConfig(sites=(*model.sites(spec.sites), Site.ffn(p.planted_layer % model.num_layers)),
                         stats=(), dense_words=True, alignment="last")
     setup = _prepare(spec, model, cfg, env.seed)
     planted, asked = setup.planted, tuple(d for d, ok in zip(vocab, setup.supported) if ok)

@@ -19,10 +19,43 @@ from neuronbench.harness.engine.metrics import bootstrap_ci
 from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.harness.engine.records import Record
 from neuronbench.harness.engine.sites import Site
-from neuronbench.harness.suite.task import RunEnv, TaskSpec, record, register_task
+from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
 from neuronbench.tasks.prune import train_means
 
 log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class Params(TaskParams):
+    """erasure's parameters.
+
+    Attributes:
+        layers: hidden layers (`resid.L`) whose positions are attributed and masked (non-empty).
+        fractions: the top-q fractions of positions masked (non-empty, each in [0, 1]).
+        n_pool: test sentences the method is asked about (None = the whole split); more than n_test.
+        n_test: sentences of the pool scored.
+        random_seeds: random position orders per example (positive).
+        bootstrap: bootstrap resamples of each interval.
+    """
+
+    layers: tuple[int, ...]
+    fractions: tuple[float, ...]
+    n_pool: int | None
+    n_test: int
+    random_seeds: int
+    bootstrap: int
+
+    def __post_init__(self) -> None:
+        if not self.layers or not self.fractions:
+            raise ValueError(f"erasure: layers={self.layers!r} and fractions={self.fractions!r} must be non-empty")
+        for q in self.fractions:
+            if not 0 <= q <= 1:
+                raise ValueError(f"erasure fraction q={q!r} must be in [0, 1], e.g. 0.1 for 10% of the positions")
+        if not isinstance(self.random_seeds, int) or self.random_seeds < 1:
+            raise ValueError(f"erasure: random_seeds={self.random_seeds!r} must be a positive integer")
+        if self.n_pool is not None and self.n_pool <= self.n_test:
+            raise ValueError(f"erasure: n_pool={self.n_pool} must exceed n_test={self.n_test}, so that the hidden "
+                             "split has examples of its own; raise n_pool or set it to None (whole split)")
+
 
 # Layer L is the hidden state `Site.resid(L)`, the output of transformer block L (Hugging Face's
 # `hidden_states[L + 1]`), the site every baseline's `attribute_positions(ctx, L)` reads. The last
@@ -36,8 +69,8 @@ log = logging.getLogger(__name__)
 SPEC = TaskSpec(
     name="erasure", version=1, verb="attribute_positions", model="minilm-polarity", data="polarity",
     sites="resid", headline="erasure.comp_gap_mean", no_skill=0.0,
-    params=(("layers", (0, 1, 2, 3, 4)), ("fractions", (0.05, 0.1, 0.2, 0.5)), ("n_pool", 300),
-            ("n_test", 100), ("random_seeds", 3), ("bootstrap", 1000)),
+    params=Params(layers=(0, 1, 2, 3, 4), fractions=(0.05, 0.1, 0.2, 0.5), n_pool=300, n_test=100,
+                  random_seeds=3, bootstrap=1000),
     quick=(("model", "minilm-polarity-tiny"), ("layers", (0,)), ("n_pool", 48), ("n_test", 24),
            ("random_seeds", 2), ("bootstrap", 200)),
     description="ERASER comprehensiveness (AOPC) of a method's top token positions at each hidden "
@@ -47,32 +80,6 @@ SPEC = TaskSpec(
 EVAL_MAX_TOKENS = 8192
 # Stream tags: tie-breaking, random orders and the bootstrap never share a generator.
 _TIE_STREAM, _RANDOM_STREAM = 0, 1
-
-
-@dataclass(frozen=True)
-class Params:
-    layers: tuple[int, ...]
-    fractions: tuple[float, ...]
-    n_pool: int | None
-    n_test: int
-    random_seeds: int
-    bootstrap: int
-
-
-def _params(spec: TaskSpec) -> Params:
-    p = Params(tuple(int(x) for x in spec.param("layers")), tuple(float(q) for q in spec.param("fractions")),
-               spec.param("n_pool"), int(spec.param("n_test")), spec.param("random_seeds"),
-               int(spec.param("bootstrap")))
-    if not p.layers or not p.fractions:
-        raise ValueError(f"erasure: layers={p.layers!r} and fractions={p.fractions!r} must be non-empty")
-    for q in p.fractions:
-        n_top(q, 1)
-    if not isinstance(p.random_seeds, int) or p.random_seeds < 1:
-        raise ValueError(f"erasure: random_seeds={p.random_seeds!r} must be a positive integer")
-    if p.n_pool is not None and p.n_pool <= p.n_test:
-        raise ValueError(f"erasure: n_pool={p.n_pool} must exceed n_test={p.n_test}, so that the hidden "
-                         "split has examples of its own; raise n_pool or set it to None (whole split)")
-    return p
 
 
 def n_top(q: float, n_candidates: int) -> int:
@@ -252,12 +259,12 @@ def pool_of(spec: TaskSpec, n_pool: int | None):
     return corpus, (test if n_pool is None else subsample(test, n_pool, spec.split_seed))
 
 
-@register_task(SPEC)
+@register_task(SPEC, Params)
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     """Ask `method.attribute_positions` on the pool at every layer, mask its top positions of the
     scoring examples (`env.scoring_subset` of the pool) by the layer's train mean, and score
     ERASER comprehensiveness and sufficiency against random orders."""
-    p = _params(spec)
+    p = Params.of(spec)
     corpus, pool = pool_of(spec, p.n_pool)
     model = env.model(spec.model)
     for layer in p.layers:

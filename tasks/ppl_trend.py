@@ -7,6 +7,7 @@ the task correlates the two over the consecutive pairs.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,13 +15,36 @@ import torch
 from neuronbench.harness.engine.data import load, subsample
 from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, call_verb
 from neuronbench.harness.engine.metrics import kendall, spearman
-from neuronbench.harness.suite.task import RunEnv, TaskSpec, record, register_task
+from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
 from neuronbench.harness.zoo.train import lm_loss, token_stream
+
+@dataclass(frozen=True)
+class Params(TaskParams):
+    """ppl-trend's parameters.
+
+    Attributes:
+        valid_tokens: first tokens of PTB valid whose perplexity each checkpoint is scored on.
+        seq_len: tokens per scoring chunk (at least 2: one context token, one predicted).
+        method_lines: train lines the method reads (a seeded subsample).
+        bootstrap: bootstrap resamples of each interval.
+    """
+
+    valid_tokens: int
+    seq_len: int
+    method_lines: int
+    bootstrap: int
+
+    def __post_init__(self) -> None:
+        for name in ("valid_tokens", "seq_len", "method_lines", "bootstrap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "seq_len" else 1):
+                raise ValueError(f"ppl-trend: {name}={value!r} must be a positive integer (seq_len at least 2)")
+
 
 SPEC = TaskSpec(
     name="ppl-trend", version=1, verb="stage_change", model="ptb-lm", data="ptb", sites="ffn",
     headline="ppl-trend.spearman", no_skill=0.0,
-    params=(("valid_tokens", 50_000), ("seq_len", 64), ("method_lines", 1000), ("bootstrap", 1000)),
+    params=Params(valid_tokens=50_000, seq_len=64, method_lines=1000, bootstrap=1000),
     quick=(("model", "ptb-lm-tiny"), ("valid_tokens", 512), ("seq_len", 16), ("method_lines", 40),
            ("bootstrap", 200)),
     description="Spearman/Kendall of stage change vs log-perplexity improvement between checkpoints")
@@ -65,12 +89,13 @@ def _correlations(changes: np.ndarray, losses: np.ndarray, tokens_per_block: int
     return spearman(x, y), kendall(x, y)
 
 
-@register_task(SPEC)
+@register_task(SPEC, Params)
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list:
     steps = checkpoints(spec.model)
     models = [env.model(f"{spec.model}@{s}") for s in steps]
+    p = Params.of(spec)
     corpus = load("ptb", seed=spec.split_seed)
-    text = subsample(corpus.splits["train"], spec.param("method_lines"), seed=spec.split_seed)
+    text = subsample(corpus.splits["train"], p.method_lines, seed=spec.split_seed)
     changes = []
     for before, after in zip(models[:-1], models[1:]):
         ctx = MethodContext(after, after.sites(spec.sites), text, f"{corpus.fingerprint}:train:{len(text)}",
@@ -79,9 +104,9 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list:
         if isinstance(out, NotApplicable):
             return [record(spec, method.name, "ppl-trend.not_applicable", None, env.seed, status="not_applicable")]
         changes.append(float(out))
-    seq_len = spec.param("seq_len")
+    seq_len = p.seq_len
     def measure():
-        valid = valid_stream(models[0].tokenizer, spec.param("valid_tokens"), seq_len, env, spec.split_seed)
+        valid = valid_stream(models[0].tokenizer, p.valid_tokens, seq_len, env, spec.split_seed)
         return torch.stack([chunk_losses(m, valid, seq_len) for m in models]).numpy()  # (C, blocks)
 
     losses = env.memo(("ppl-trend", spec.fingerprint(), env.split), measure)
@@ -89,7 +114,7 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list:
     rho, tau = _correlations(changes_np, losses, seq_len - 1)
     rng = np.random.default_rng(env.seed)
     boot = [_correlations(changes_np, losses, seq_len - 1, rng.integers(0, losses.shape[1], losses.shape[1]),
-                          rng.integers(0, len(changes), len(changes))) for _ in range(spec.param("bootstrap"))]
+                          rng.integers(0, len(changes), len(changes))) for _ in range(p.bootstrap)]
     out = []
     for i, name in enumerate(("spearman", "kendall")):
         vals = np.array([b[i] for b in boot])

@@ -55,9 +55,50 @@ from neuronbench.harness.engine.metrics import bootstrap_ci
 from neuronbench.harness.engine.models import LoadedModel, load_model
 from neuronbench.harness.engine.ranking import rank_neurons, set_size
 from neuronbench.harness.engine.records import Record
-from neuronbench.harness.suite.task import RunEnv, TaskSpec, record, register_task
+from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
 
 log = logging.getLogger(__name__)
+
+HEADLINE_K = 0.1  # the k of the headline metrics
+
+
+@dataclass(frozen=True)
+class Params(TaskParams):
+    """probe's parameters.
+
+    Attributes:
+        ks: fractions of the neurons in each probed set; must include the headline's 0.1.
+        random_seeds: random k-sets per k.
+        null_permutations: times the method is asked again on permuted tags (the headline's null).
+        n_test: test sentences scored.
+        train_sentences: train sentences the method reads (None = the whole split).
+        probe_sentences: train sentences the probe is fitted on (None = all the method read).
+        l2, lbfgs_steps: the probe's L2 strength and full-batch L-BFGS steps.
+        bootstrap: bootstrap resamples of each interval.
+        alignment: which subword stands for a word (`first`, `last`, `mean`).
+    """
+
+    ks: tuple[float, ...]
+    random_seeds: int
+    null_permutations: int
+    n_test: int | None
+    train_sentences: int | None
+    probe_sentences: int | None
+    l2: float
+    lbfgs_steps: int
+    bootstrap: int
+    alignment: str
+
+    def __post_init__(self) -> None:
+        for k in self.ks:
+            set_size(k, 1)
+        if HEADLINE_K not in self.ks:
+            raise ValueError(f"probe: ks={self.ks} must include {HEADLINE_K}, the k of the headline metrics")
+        for name in ("random_seeds", "lbfgs_steps", "bootstrap", "null_permutations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"probe: {name}={value!r} must be a positive integer")
+
 
 # Cost (2 CPU cores): the probe-train cap of 400 sentences (~10k words) halves L-BFGS time against
 # the whole split (801) for about 1 point of full-probe accuracy; 50 iterations change test accuracy
@@ -65,9 +106,9 @@ log = logging.getLogger(__name__)
 SPEC = TaskSpec(
     name="probe", version=2, verb="relevance", model="minilm", data="wsj-pos", sites="resid",
     headline="probe.tmb_gap@10", no_skill=0.0,
-    params=(("ks", (0.01, 0.05, 0.1, 0.2)), ("random_seeds", 5), ("null_permutations", 3), ("n_test", 50),
-            ("train_sentences", None), ("probe_sentences", 400), ("l2", 1e-3), ("lbfgs_steps", 50),
-            ("bootstrap", 1000), ("alignment", "last")),
+    params=Params(ks=(0.01, 0.05, 0.1, 0.2), random_seeds=5, null_permutations=3, n_test=50,
+                  train_sentences=None, probe_sentences=400, l2=1e-3, lbfgs_steps=50, bootstrap=1000,
+                  alignment="last"),
     quick=(("model", "minilm-polarity-tiny"), ("ks", (0.1, 0.2)), ("random_seeds", 2), ("null_permutations", 2),
            ("n_test", 20), ("train_sentences", 60), ("lbfgs_steps", 15), ("bootstrap", 200)),
     description="POS accuracy of a probe retrained on a method's top-k resid neurons minus its bottom-k, "
@@ -76,7 +117,6 @@ SPEC = TaskSpec(
 TOP, RANDOM, BOTTOM = "top", "random", "bottom"
 CONDITIONS = (TOP, RANDOM, BOTTOM)
 TASK, CONTROL = "task", "control"
-HEADLINE_K = 0.1
 _RANDOM_STREAM, _BOOT_STREAM = 1, 2  # the tie-breaking stream is ranking.TIE_STREAM (0)
 _NULL_STREAM = 11  # label permutations of the null (the sanity check's own permutation uses 7)
 NULL = "null"
@@ -245,18 +285,19 @@ def _words(ds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def prepare(spec: TaskSpec, env: RunEnv, model: LoadedModel, corpus, train, train_id: str) -> ProbeData:
     """Collect (cached) and standardise the probe-train and scored test words; control tags."""
-    cfg = CollectConfig(sites=model.sites(spec.sites), stats=(), dense_words=True, alignment=spec.param("alignment"))
+    p = Params.of(spec)
+    cfg = CollectConfig(sites=model.sites(spec.sites), stats=(), dense_words=True, alignment=p.alignment)
     n_classes = len(corpus.label_names)
     probs = tag_distribution(_words(corpus.splits["train"])[1], n_classes)
     x_tr, kept_tr = word_matrix(model, train, train_id, cfg, env, corpus.label_names)
     words_tr, tags_tr, sent_tr = _words(train)
-    n_probe = spec.param("probe_sentences") or len(train)
+    n_probe = p.probe_sentences or len(train)
     probe_rows = np.random.default_rng(spec.split_seed).permutation(len(train))[:n_probe]
     chosen = np.isin(sent_tr, probe_rows) & kept_tr
     test = corpus.splits["test"]
     x_te, kept_te = word_matrix(model, test, f"{corpus.fingerprint}:test", cfg, env, corpus.label_names)
     words_te, tags_te, sent_te = _words(test)
-    rows = env.scoring_rows(len(test), spec.param("n_test"), spec.split_seed)
+    rows = env.scoring_rows(len(test), p.n_test, spec.split_seed)
     scored = np.isin(sent_te, rows) & kept_te
     if not chosen.any() or scored.sum() < 2:
         raise ValueError(f"probe: {chosen.sum()} train and {scored.sum()} test words kept a token; "
@@ -275,7 +316,7 @@ def prepare(spec: TaskSpec, env: RunEnv, model: LoadedModel, corpus, train, trai
 def evaluate(spec: TaskSpec, env: RunEnv, data: ProbeData, sets, n_neurons: int) -> dict:
     """(condition, k, labels) -> (S, n_sentences) correct counts, S = 1 or the random seeds;
     ("full", None, labels) for the full probe. Random and full probes are trained once per run."""
-    l2, steps = float(spec.param("l2")), int(spec.param("lbfgs_steps"))
+    l2, steps = Params.of(spec).l2, Params.of(spec).lbfgs_steps
 
     def counts(columns: np.ndarray, labels: str) -> np.ndarray:
         return correct_counts(data, columns, labels, l2, steps)
@@ -300,7 +341,7 @@ def null_counts(spec: TaskSpec, data: ProbeData, sets, counts: dict, nulls: list
     """(top|bottom, k) -> (P, n_sentences) task-correct counts of each permuted-label ranking's
     k-set, P = len(nulls). A k-set equal to the method's own reuses its counts (a method that
     reads no labels retrains nothing)."""
-    l2, steps = float(spec.param("l2")), int(spec.param("lbfgs_steps"))
+    l2, steps = Params.of(spec).l2, Params.of(spec).lbfgs_steps
     rows: dict[tuple[str, float], list[np.ndarray]] = {(c, k): [] for c in (TOP, BOTTOM) for k in ks}
     for scores in nulls:
         extremes = extreme_sets(scores, ks, seed)
@@ -366,33 +407,18 @@ def summarise(spec: TaskSpec, method: str, seed: int, counts: dict, nulls: dict,
     return out
 
 
-def _params(spec: TaskSpec) -> tuple[tuple[float, ...], int, int, int]:
-    ks = tuple(float(k) for k in spec.param("ks"))
-    for k in ks:
-        set_size(k, 1)
-    if HEADLINE_K not in ks:
-        raise ValueError(f"probe: ks={ks} must include {HEADLINE_K}, the k of the headline metrics")
-    n_seeds = spec.param("random_seeds")
-    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
-        raise ValueError(f"probe: random_seeds={n_seeds!r} must be a positive integer")
-    for name in ("lbfgs_steps", "bootstrap", "null_permutations"):
-        value = spec.param(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"probe: {name}={value!r} must be a positive integer")
-    return ks, n_seeds, int(spec.param("null_permutations")), int(spec.param("bootstrap"))
-
-
 def _not_applicable(spec: TaskSpec, method: Method, seed: int, why: str) -> list[Record]:
     log.info("%s", why)
     return [record(spec, method.name, "probe.not_applicable", None, seed, status="not_applicable")]
 
 
-@register_task(SPEC)
+@register_task(SPEC, Params)
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     """Rank the resid neurons with `method.relevance` (train split, then its permuted-label
     copies), retrain the probe on the top/bottom/random k-sets, and score task and control
     accuracy on the test split."""
-    ks, n_seeds, n_null, n_boot = _params(spec)
+    p = Params.of(spec)
+    ks, n_seeds, n_null, n_boot = p.ks, p.random_seeds, p.null_permutations, p.bootstrap
     if method.needs.stages and spec.parent is None:
         return _not_applicable(spec, method, env.seed, f"{method.name} compares stages; probe has one model")
     corpus = load(spec.data, spec.split_seed)
@@ -400,8 +426,8 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
         raise ValueError(f"probe: data {spec.data!r} has no word-level tags; use a tagged corpus such as wsj-pos")
     model = encoder(env, spec.model)
     train, train_id = corpus.splits["train"], f"{corpus.fingerprint}:train"
-    if spec.param("train_sentences") is not None:
-        train = subsample(train, int(spec.param("train_sentences")), spec.split_seed)
+    if p.train_sentences is not None:
+        train = subsample(train, p.train_sentences, spec.split_seed)
         train_id = f"{train_id}:{len(train)}@{spec.split_seed}"
     ctx = MethodContext(model=model, sites=model.sites(spec.sites), data=train, data_id=train_id, seed=env.seed,
                         label_names=corpus.label_names, cache=env.cache)

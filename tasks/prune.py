@@ -22,9 +22,37 @@ from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.harness.engine.ranking import rank_neurons, set_size
 from neuronbench.harness.engine.records import Record
 from neuronbench.harness.engine.sites import NeuronIndex, Site
-from neuronbench.harness.suite.task import RunEnv, TaskSpec, record, register_task
+from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Params(TaskParams):
+    """prune's parameters.
+
+    Attributes:
+        ks: fractions of all scored neurons ablated (each in [0, 1]).
+        random_seeds: random neuron sets per k (positive).
+        ablation: "mean" (train-split mean) or "zero".
+        n_test: test sentences scored (None = the whole split).
+        bootstrap: bootstrap resamples of each interval.
+    """
+
+    ks: tuple[float, ...]
+    random_seeds: int
+    ablation: str
+    n_test: int | None
+    bootstrap: int
+
+    def __post_init__(self) -> None:
+        for k in self.ks:
+            set_size(k, 1)
+        if self.ablation not in ABLATION_MODES:
+            raise ValueError(f"prune: ablation={self.ablation!r}; use one of {ABLATION_MODES}")
+        if not isinstance(self.random_seeds, int) or self.random_seeds < 1:
+            raise ValueError(f"prune: random_seeds={self.random_seeds!r} must be a positive integer")
+
 
 # The tiny classifier is a random tiny BERT fine-tuned from scratch: it has no pre-trained parent
 # to load, so --quick hands the child itself to the method as its parent (a stage-comparing method
@@ -37,8 +65,8 @@ log = logging.getLogger(__name__)
 SPEC = TaskSpec(
     name="prune", version=2, verb="relevance", model="minilm-polarity", parent="minilm",
     data="polarity", sites="ffn", headline="prune.gap_auc", no_skill=0.0,
-    params=(("ks", (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)), ("random_seeds", 10), ("ablation", "mean"),
-            ("n_test", 120), ("bootstrap", 1000)),
+    params=Params(ks=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2), random_seeds=10, ablation="mean", n_test=120,
+                  bootstrap=1000),
     quick=(("model", "minilm-polarity-tiny"), ("parent", "minilm-polarity-tiny"), ("ks", (0.05, 0.2)),
            ("random_seeds", 3), ("n_test", 64), ("bootstrap", 200)),
     description="test-accuracy drop from ablating a method's top-k FFN neurons minus layer-matched random-k")
@@ -225,24 +253,12 @@ def summarise(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, scores: n
     return out
 
 
-def _params(spec: TaskSpec) -> tuple[tuple[float, ...], int, str, int | None, int]:
-    ks = tuple(float(k) for k in spec.param("ks"))
-    for k in ks:
-        set_size(k, 1)
-    n_seeds, mode, n_test, n_boot = (spec.param(p) for p in
-                                     ("random_seeds", "ablation", "n_test", "bootstrap"))
-    if mode not in ABLATION_MODES:
-        raise ValueError(f"prune: ablation={mode!r}; use one of {ABLATION_MODES}")
-    if not isinstance(n_seeds, int) or n_seeds < 1:
-        raise ValueError(f"prune: random_seeds={n_seeds!r} must be a positive integer")
-    return ks, n_seeds, mode, n_test, int(n_boot)
-
-
-@register_task(SPEC)
+@register_task(SPEC, Params)
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     """Rank the FFN neurons with `method.relevance` (train split), ablate top/bottom/random k-sets
     of the classifier, and score accuracy and gold log-likelihood on the test split."""
-    ks, n_seeds, mode, n_test, n_boot = _params(spec)
+    p = Params.of(spec)
+    ks, n_seeds, mode, n_test, n_boot = p.ks, p.random_seeds, p.ablation, p.n_test, p.bootstrap
     corpus = load(spec.data, spec.split_seed)
     child = env.model(spec.model)
     parent = env.model(spec.parent) if spec.parent else None

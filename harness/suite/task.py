@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +23,38 @@ from ..engine.models import LoadedModel, load_model
 from ..engine.records import Record
 from ..engine.registry import Registry
 from ..zoo.build import build
+
+
+@dataclass(frozen=True)
+class TaskParams:
+    """A task's parameters: subclass it as a frozen dataclass, one field per parameter, whose
+    `__post_init__` checks them (a ValueError naming the field, the value and the fix).
+
+    A `TaskSpec` takes an instance as `params` and keeps it as sorted (name, value) pairs, the form
+    its fingerprint and config records hold; the scoring function reads them back, checked, with
+    `Params.of(spec)` (after `--quick` overrides and test replacements).
+    """
+
+    @classmethod
+    def of(cls, spec: "TaskSpec"):
+        """The parameters of `spec`, checked.
+
+        Raises:
+            ValueError: a parameter this class does not declare, one missing, or one its checks reject.
+        """
+        given, names = dict(spec.params), [f.name for f in fields(cls)]
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise ValueError(f"task {spec.name!r}: unknown parameter(s) {unknown}; "
+                             f"{cls.__qualname__} declares {names}")
+        try:
+            return cls(**given)
+        except TypeError as err:  # a required field not given
+            raise ValueError(f"task {spec.name!r}: {err}; {cls.__qualname__} declares {names}") from None
+
+    def pairs(self) -> tuple[tuple[str, Any], ...]:
+        """The parameters as sorted (name, value) pairs (what `TaskSpec.params` stores)."""
+        return tuple(sorted((f.name, getattr(self, f.name)) for f in fields(self)))
 
 
 @dataclass(frozen=True)
@@ -40,8 +72,9 @@ class TaskSpec:
         no_skill: the headline value a method with no skill gets in expectation.
         parent: the earlier stage of `model`, when the task compares stages.
         split_seed: seed of the train/dev/test split.
-        params: task parameters as sorted (name, value) pairs.
-        quick: overrides of `model`, `parent` and `params` for `--quick` runs.
+        params: the task's `TaskParams` (stored as sorted (name, value) pairs; read them back with
+            `Params.of(spec)`).
+        quick: overrides of `model`, `parent` and parameters for `--quick` runs, as (name, value) pairs.
         description: one line for tables and pages.
     """
 
@@ -55,18 +88,20 @@ class TaskSpec:
     no_skill: float = 0.0
     parent: str | None = None
     split_seed: int = 0
-    params: tuple[tuple[str, Any], ...] = ()
+    params: TaskParams | tuple[tuple[str, Any], ...] = ()
     quick: tuple[tuple[str, Any], ...] = ()
     description: str = ""
 
     def __post_init__(self) -> None:
         if self.verb not in VERBS:
             raise ValueError(f"task {self.name!r}: verb {self.verb!r} is not one of {VERBS}")
-        object.__setattr__(self, "params", tuple(sorted(self.params)))
+        params = self.params.pairs() if isinstance(self.params, TaskParams) else tuple(sorted(self.params))
+        object.__setattr__(self, "params", params)
         object.__setattr__(self, "quick", tuple(sorted(self.quick)))
 
-    def param(self, name: str, default: Any = None) -> Any:
-        return dict(self.params).get(name, default)
+    def with_params(self, **changes: Any) -> "TaskSpec":
+        """This spec with some parameters replaced (tests, ablations); `Params.of` checks them."""
+        return replace(self, params=tuple({**dict(self.params), **changes}.items()))
 
     def quick_version(self) -> "TaskSpec":
         """The spec with its `--quick` overrides applied (model, parent, params)."""
@@ -165,17 +200,30 @@ Scorer = Callable[[TaskSpec, Method, RunEnv], list[Record]]
 
 @dataclass(frozen=True)
 class Task:
+    """A registered task: its spec, its scoring function and its parameters' class."""
+
     spec: TaskSpec
     score: Scorer
+    params: type[TaskParams] | None = None
 
 
 TASKS: Registry[Task] = Registry("task", "neuronbench.tasks", "neuronbench.tasks")
 
 
-def register_task(spec: TaskSpec) -> Callable[[Scorer], Scorer]:
-    """Register `spec` with the decorated scoring function under `spec.name`."""
+def register_task(spec: TaskSpec, params: type[TaskParams] | None = None) -> Callable[[Scorer], Scorer]:
+    """Register `spec` with the decorated scoring function under `spec.name`.
+
+    Args:
+        spec: the task's spec.
+        params: its `TaskParams` class; the spec's parameters, and those of its `--quick`
+            version, are checked here, so a broken task fails when its module is imported.
+    """
+    if params is not None:
+        params.of(spec)
+        params.of(spec.quick_version())
+
     def decorate(score: Scorer) -> Scorer:
-        TASKS.register(spec.name)(Task(spec, score))
+        TASKS.register(spec.name)(Task(spec, score, params))
         return score
     return decorate
 

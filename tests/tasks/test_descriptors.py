@@ -119,7 +119,7 @@ def test_describe_dataset_and_label_matrix_align_with_words():
 def test_vocabulary_holds_every_wsj_tag_once():
     assert len(set(D.VOCABULARY)) == len(D.VOCABULARY) == len(D.POS_TAGS) + len(D.SURFACE)
     assert TASKS.get("descriptors").spec is D.SPEC
-    assert D.SPEC.param("vocabulary") == D.VOCABULARY
+    assert D.Params.of(D.SPEC).vocabulary == D.VOCABULARY
 
 
 # --------------------------------------------------------------------------- metrics
@@ -279,5 +279,5 @@ def test_quick_spec_runs_on_wsj(quick_home, tmp_cache):
     recs = D.score(quick, get_method("contrast"), RunEnv(seed=0, quick=True, cache=tmp_cache, progress=False))
     got = _values(recs)
     assert all(r.status == "ok" and r.model == quick.model for r in recs)
-    assert got["descriptors.planted.n_scored"] == quick.param("n_planted")
+    assert got["descriptors.planted.n_scored"] == D.Params.of(quick).n_planted
     assert got["descriptors.data.n_scored"] > 0 and 0 <= got[quick.headline] <= 1

@@ -220,9 +220,9 @@ def test_the_hidden_split_scores_other_examples_from_the_same_method_outputs(mod
     b = _run(model, hidden, cache=tmp_cache, split="hidden")
     assert public.calls == hidden.calls and [c[0] for c in public.calls] == list(LAYERS)
     pool = public.calls[0][1]
-    assert len(pool) == SPEC.param("n_pool") and all(c[1] == pool for c in public.calls)
+    assert len(pool) == erasure.Params.of(SPEC).n_pool and all(c[1] == pool for c in public.calls)
     assert len(scored) == 2 and set(scored[0]) < set(pool) and set(scored[1]) < set(pool)
-    assert not set(scored[0]) & set(scored[1]) and len(scored[0]) == SPEC.param("n_test")
+    assert not set(scored[0]) & set(scored[1]) and len(scored[0]) == erasure.Params.of(SPEC).n_test
     assert _by_metric(a) != _by_metric(b)
 
 

@@ -166,7 +166,7 @@ def test_the_null_asks_the_method_again_on_tags_permuted_across_words(tiny_bert,
     spy = Spy(get_method("probeless"))
     got = _by_metric(_run(tiny_bert, spy, tmp_cache))
     real, *nulls = spy.asked
-    assert [c.labelling for c in spy.asked] == [None] + [f"permuted:{i}" for i in range(QUICK.param("null_permutations"))]
+    assert [c.labelling for c in spy.asked] == [None] + [f"permuted:{i}" for i in range(probe.Params.of(QUICK).null_permutations)]
     tags = [t for ts in real.data["word_labels"] for t in ts]
     for ctx in nulls:
         permuted = [t for ts in ctx.data["word_labels"] for t in ts]
@@ -182,11 +182,11 @@ def test_quick_spec_end_to_end_gives_every_metric_with_intervals(tiny_bert, tmp_
     records = _run(tiny_bert, get_method("probeless"), tmp_cache)
     got = _by_metric(records)
     assert all(r.status == "ok" and r.task == "probe" for r in records)
-    for k in QUICK.param("ks"):
+    for k in probe.Params.of(QUICK).ks:
         for cond in probe.CONDITIONS:
             for m in ("acc", "control_acc", "selectivity"):
                 assert (f"probe.{m}.{cond}", k) in got
-    for k in QUICK.param("ks"):
+    for k in probe.Params.of(QUICK).ks:
         for m in ("top_minus_bottom", "top_minus_bottom.null", "tmb_gap"):
             assert (f"probe.{m}", k) in got
     for name in ("full_accuracy", "full_control_accuracy", "full_selectivity", "top_minus_bottom@10",
@@ -209,10 +209,10 @@ def test_same_seed_gives_identical_records_and_another_seed_other_random_sets(ti
 def test_the_hidden_split_scores_other_sentences_on_the_same_probe_training(tiny_bert, tmp_cache):
     spec = dataclasses.replace(QUICK, model=tiny_bert.name)
     corpus = data.load(spec.data, spec.split_seed)
-    train = data.subsample(corpus.splits["train"], spec.param("train_sentences"), spec.split_seed)
+    train = data.subsample(corpus.splits["train"], probe.Params.of(spec).train_sentences, spec.split_seed)
     public, hidden = (probe.prepare(spec, _env(tiny_bert, tmp_cache, **kw), tiny_bert, corpus, train, "t")
                       for kw in ({}, {"split": "hidden", "hidden_seed": 1234}))
-    assert len(public.test_rows) == spec.param("n_test")
+    assert len(public.test_rows) == probe.Params.of(spec).n_test
     assert not set(public.test_rows) & set(hidden.test_rows)
     assert torch.equal(public.x_train, hidden.x_train)
     assert hidden.x_test.shape[0] == len(hidden.sentence) == sum(hidden.words_per_sentence)

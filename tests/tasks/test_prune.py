@@ -39,7 +39,7 @@ def sharp():
     model = tiny_model("bert", "classifier", seed=3,
                        tokenizer=tiny_tokenizer(list(corpus.splits["train"]["text"][:500]), vocab_size=400))
     gen = torch.Generator().manual_seed(3)
-    test = data.subsample(corpus.splits["test"], QUICK.param("n_test"), QUICK.split_seed)
+    test = data.subsample(corpus.splits["test"], prune.Params.of(QUICK).n_test, QUICK.split_seed)
     enc = model.tokenizer(list(test["text"]), padding=True, truncation=True, max_length=128,
                           return_tensors="pt")
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_quick_spec_runs_and_gives_the_headline_with_an_interval(quick_home, tmp
             assert r.ci_low <= r.value <= r.ci_high, r
     got = _by_metric(records)
     assert ("prune.full_accuracy", None) in got and ("prune.bottom_gap", None) in got
-    for k in QUICK.param("ks"):
+    for k in prune.Params.of(QUICK).ks:
         for cond in prune.CONDITIONS:
             assert (f"prune.acc_drop.{cond}", k) in got and (f"prune.loglik_drop.{cond}", k) in got
 
@@ -154,15 +154,15 @@ def test_bad_parameters_are_rejected(sharp):
 # ---------------------------------------------------------------- scores
 
 def test_an_oracle_ranking_has_a_larger_gap_than_random(sharp, tmp_cache):
-    test = data.subsample(data.load("polarity").splits["test"], QUICK.param("n_test"), QUICK.split_seed)
+    test = data.subsample(data.load("polarity").splits["test"], prune.Params.of(QUICK).n_test, QUICK.split_seed)
     oracle = _sharp_run(sharp, Oracle(test), tmp_cache=tmp_cache)
     chance = _by_metric(_sharp_run(sharp, get_method("random"), tmp_cache=tmp_cache))
     got = _by_metric(oracle)
-    for k in QUICK.param("ks"):
+    for k in prune.Params.of(QUICK).ks:
         assert got[("prune.loglik_drop.top", k)] > got[("prune.loglik_drop.random_matched", k)] + 0.01
     (gap,) = [r for r in oracle if r.metric == "prune.loglik_gap_auc"]
     assert gap.ci_low > 0 and gap.value > chance[("prune.loglik_gap_auc", None)] + 0.02
-    assert any(got[("prune.acc_drop.top", k)] != 0 for k in QUICK.param("ks"))  # accuracy moves too
+    assert any(got[("prune.acc_drop.top", k)] != 0 for k in prune.Params.of(QUICK).ks)  # accuracy moves too
 
 
 def test_same_seed_gives_identical_records_and_zero_ablation_is_an_option(sharp, tmp_cache):
