@@ -16,6 +16,7 @@ from .batching import Batch, encode, make_batch, plan_batches
 from .collect import _autocast
 from .hooks import site_hooks
 from .models import LoadedModel
+from .objective import gold_log_prob
 from .sites import Site
 
 ABLATION_MODES = ("zero", "mean")
@@ -153,6 +154,5 @@ def gold_label_scores(out, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
     """
     logits = out.logits.float()
     gold = labels[batch.indices].to(logits.device).repeat(logits.shape[0] // len(batch.indices))
-    logp = torch.log_softmax(logits, -1).gather(1, gold[:, None])[:, 0]
     correct = (logits.argmax(-1) == gold).float()
-    return torch.stack([correct, logp], 1)
+    return torch.stack([correct, gold_log_prob(logits, gold)], 1)

@@ -41,6 +41,19 @@ def _copies(n_rows: int, batch: Batch) -> int:
     return n_rows // B
 
 
+def gold_log_prob(logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """(N,) log-probability of the gold label of each row of `logits` (N, classes), in float32: the
+    one definition that the classifier objective and pruning's evaluation share.
+
+    `gold` is (N,), or (B,) for N = K*B rows holding K stacked copies of a batch (copy-major).
+    """
+    logits = logits.float()
+    gold = gold.to(logits.device)
+    if len(gold) != logits.shape[0]:
+        gold = gold.repeat(logits.shape[0] // len(gold))
+    return torch.log_softmax(logits, -1).gather(1, gold[:, None])[:, 0]
+
+
 def objective(loaded: LoadedModel, batch_outputs, batch: Batch, labels: torch.Tensor | None) -> torch.Tensor:
     """Per-example objective, differentiable, in float32.
 
@@ -61,8 +74,7 @@ def objective(loaded: LoadedModel, batch_outputs, batch: Batch, labels: torch.Te
     if loaded.kind == "classifier":
         if labels is None:
             raise ValueError("a classifier objective needs gold labels: the data needs a 'label' column")
-        gold = labels.to(logits.device).repeat(k)
-        return torch.log_softmax(logits, -1).gather(1, gold[:, None])[:, 0]
+        return gold_log_prob(logits, labels.repeat(k))
     ids = batch.input_ids.repeat(k, 1)
     attn = batch.attention_mask.repeat(k, 1)
     logp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None])[..., 0]  # (KB, T-1)
