@@ -170,9 +170,10 @@ def _explain(args) -> int:
     parent = load_model(args.parent) if args.parent else None
     ctx = MethodContext(model, model.sites(args.sites), ds, f"{corpus.fingerprint}:{args.split}:{args.limit}",
                         seed=args.seed, label_names=corpus.label_names, parent=parent)
-    out = call_verb(method, args.verb, ctx)
-    if isinstance(out, NotApplicable):
-        print(out)
+    try:
+        out = call_verb(method, args.verb, ctx)
+    except NotApplicable as err:
+        print(f"{err}: not applicable")
         return 1
     if args.verb == "stage_change":
         print(f"{method.name}: stage change {args.parent} -> {args.model} = {out:.6f}")

@@ -51,7 +51,7 @@ from neuronbench.harness.engine.cache import data_fingerprint
 from neuronbench.harness.engine.collect import CollectConfig
 from neuronbench.harness.engine import metrics
 from neuronbench.harness.engine.data import descriptor_matrix, load, subsample
-from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, call_verb
+from neuronbench.harness.engine.method import Method, MethodContext, Provides, call_verb
 from neuronbench.harness.engine.metrics import bootstrap_ci, precision_recall_at_k
 from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.tasks._planting import Planted, ffn_inputs, fit_detectors, plant_units
@@ -309,7 +309,7 @@ def _prepare(spec: TaskSpec, model: LoadedModel, cfg: CollectConfig, seed: int) 
     return _Setup(calib, valid, labels_v, kept[n_cal:], supported, planted, sets)
 
 
-@register_task(SPEC, Params)
+@register_task(SPEC, Params, Provides(labels=True))
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     """Plant units, ask `method.descriptors` on the calibration half (resid sites + the planted
     FFN site) with the supported vocabulary, and score its rankings against the validation-half
@@ -324,9 +324,6 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     ctx = MethodContext(planted.model, cfg.sites, setup.calib, f"descriptors:{data_fingerprint(setup.calib)}",
                         seed=env.seed, cache=env.cache, collect_defaults={"alignment": cfg.alignment})
     answer = call_verb(method, spec.verb, ctx, asked)
-    if isinstance(answer, NotApplicable):
-        log.info("%s", answer)
-        return [record(spec, method.name, "descriptors.not_applicable", None, env.seed, status="not_applicable")]
 
     col, _ = collect_cached(planted.model, setup.valid, cfg, data_id=f"descriptors:{data_fingerprint(setup.valid)}",
                             cache=env.cache, progress=env.progress)

@@ -14,7 +14,7 @@ from neuronbench.harness.engine.batching import Encoded, encode, make_batch, pla
 from neuronbench.harness.engine.collect import _autocast
 from neuronbench.harness.engine.data import load, subsample
 from neuronbench.harness.engine.hooks import site_hooks
-from neuronbench.harness.engine.method import Method, MethodContext, MethodOutputError, NotApplicable, call_verb
+from neuronbench.harness.engine.method import Method, MethodContext, MethodOutputError, Provides, call_verb
 from neuronbench.harness.engine.metrics import bootstrap_ci
 from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.harness.engine.records import Record
@@ -259,7 +259,7 @@ def pool_of(spec: TaskSpec, n_pool: int | None):
     return corpus, (test if n_pool is None else subsample(test, n_pool, spec.split_seed))
 
 
-@register_task(SPEC, Params)
+@register_task(SPEC, Params, Provides(labels=True, gradients=True))
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     """Ask `method.attribute_positions` on the pool at every layer, mask its top positions of the
     scoring examples (`env.scoring_subset` of the pool) by the layer's train mean, and score
@@ -282,9 +282,6 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     for layer in p.layers:
         start = time.perf_counter()
         answer = call_verb(method, spec.verb, ctx, layer)
-        if isinstance(answer, NotApplicable):
-            log.info("%s", answer)
-            return [record(spec, method.name, "erasure.not_applicable", None, env.seed, status="not_applicable")]
         asked = time.perf_counter()
         answer = [answer[r] for r in rows]
         check_lengths(method.name, answer, scoring)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from neuronbench.harness.engine.data import load, subsample
-from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, call_verb
+from neuronbench.harness.engine.method import Method, MethodContext, Provides, call_verb
 from neuronbench.harness.engine.metrics import kendall, spearman
 from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
 from neuronbench.harness.zoo.train import lm_loss, token_stream
@@ -89,7 +89,7 @@ def _correlations(changes: np.ndarray, losses: np.ndarray, tokens_per_block: int
     return spearman(x, y), kendall(x, y)
 
 
-@register_task(SPEC, Params)
+@register_task(SPEC, Params, Provides(gradients=True))
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list:
     steps = checkpoints(spec.model)
     models = [env.model(f"{spec.model}@{s}") for s in steps]
@@ -101,8 +101,6 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list:
         ctx = MethodContext(after, after.sites(spec.sites), text, f"{corpus.fingerprint}:train:{len(text)}",
                             seed=env.seed, parent=before, cache=env.cache)
         out = call_verb(method, "stage_change", ctx)
-        if isinstance(out, NotApplicable):
-            return [record(spec, method.name, "ppl-trend.not_applicable", None, env.seed, status="not_applicable")]
         changes.append(float(out))
     seq_len = p.seq_len
     def measure():

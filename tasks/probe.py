@@ -50,7 +50,7 @@ from neuronbench.harness.engine.activations import collect_cached
 from neuronbench.harness.engine.batching import encode
 from neuronbench.harness.engine.collect import CollectConfig
 from neuronbench.harness.engine.data import load, permute_labels, subsample
-from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, call_verb
+from neuronbench.harness.engine.method import Method, MethodContext, Provides, call_verb
 from neuronbench.harness.engine.metrics import bootstrap_ci
 from neuronbench.harness.engine.models import LoadedModel, load_model
 from neuronbench.harness.engine.ranking import rank_neurons, set_size
@@ -407,20 +407,13 @@ def summarise(spec: TaskSpec, method: str, seed: int, counts: dict, nulls: dict,
     return out
 
 
-def _not_applicable(spec: TaskSpec, method: Method, seed: int, why: str) -> list[Record]:
-    log.info("%s", why)
-    return [record(spec, method.name, "probe.not_applicable", None, seed, status="not_applicable")]
-
-
-@register_task(SPEC, Params)
+@register_task(SPEC, Params, Provides(labels=True))
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     """Rank the resid neurons with `method.relevance` (train split, then its permuted-label
     copies), retrain the probe on the top/bottom/random k-sets, and score task and control
     accuracy on the test split."""
     p = Params.of(spec)
     ks, n_seeds, n_null, n_boot = p.ks, p.random_seeds, p.null_permutations, p.bootstrap
-    if method.needs.stages and spec.parent is None:
-        return _not_applicable(spec, method, env.seed, f"{method.name} compares stages; probe has one model")
     corpus = load(spec.data, spec.split_seed)
     if corpus.label_names is None or "word_labels" not in corpus.splits["train"].column_names:
         raise ValueError(f"probe: data {spec.data!r} has no word-level tags; use a tagged corpus such as wsj-pos")
@@ -432,8 +425,6 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     ctx = MethodContext(model=model, sites=model.sites(spec.sites), data=train, data_id=train_id, seed=env.seed,
                         label_names=corpus.label_names, cache=env.cache)
     answer = call_verb(method, spec.verb, ctx)
-    if isinstance(answer, NotApplicable):
-        return _not_applicable(spec, method, env.seed, str(answer))
     null_scores = []
     for i in range(n_null):
         log.info("probe: asking %s again on permuted tags (%d of %d)", method.name, i + 1, n_null)

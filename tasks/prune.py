@@ -6,7 +6,6 @@ harness scores on the test split only, all masks of a run batched into one `eval
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,16 +15,13 @@ from neuronbench.harness.engine.activations import collect_cached
 from neuronbench.harness.engine.collect import CollectConfig
 from neuronbench.harness.engine.data import load
 from neuronbench.harness.engine.intervene import ABLATION_MODES, MaskSet, evaluate_masks, gold_label_scores
-from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, call_verb
+from neuronbench.harness.engine.method import Method, MethodContext, Provides, call_verb
 from neuronbench.harness.engine.metrics import bootstrap_ci
 from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.harness.engine.ranking import rank_neurons, set_size
 from neuronbench.harness.engine.records import Record
 from neuronbench.harness.engine.sites import NeuronIndex, Site
 from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class Params(TaskParams):
@@ -253,7 +249,7 @@ def summarise(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, scores: n
     return out
 
 
-@register_task(SPEC, Params)
+@register_task(SPEC, Params, Provides(labels=True, gradients=True))
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     """Rank the FFN neurons with `method.relevance` (train split), ablate top/bottom/random k-sets
     of the classifier, and score accuracy and gold log-likelihood on the test split."""
@@ -266,9 +262,6 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     ctx = MethodContext(model=child, sites=child.sites(spec.sites), data=train, data_id=data_id,
                         seed=env.seed, label_names=corpus.label_names, parent=parent, cache=env.cache)
     answer = call_verb(method, spec.verb, ctx)
-    if isinstance(answer, NotApplicable):
-        log.info("%s", answer)
-        return [record(spec, method.name, "prune.not_applicable", None, env.seed, status="not_applicable")]
     test = corpus.splits["test"]
     test = env.scoring_subset(test, n_test, spec.split_seed)  # fixed per split, whatever the run seed
     plan = build_plan(ctx.index, answer.overall(), ks, n_seeds, env.seed)

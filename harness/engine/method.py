@@ -1,10 +1,11 @@
 """The method API: one small base class that every neuron-explanation method implements.
 
 A method answers up to four questions (verbs); a task asks one of them through `call_verb`, which
-returns a "not applicable" outcome for a verb the method lacks and rejects malformed answers
-with a message naming the method and the defect. Methods read data only through the split in
-their `MethodContext` and activations only through `MethodContext.collect` (the harness's cached
-collectors).
+rejects malformed answers with a message naming the method and the defect. Whether a method
+applies to a task at all (the verb, its `Needs` against the task's `Provides`) is decided once,
+by the runner, before the task is asked to score it (`not_applicable`). Methods read data only
+through the split in their `MethodContext` and activations only through `MethodContext.collect`
+(the harness's cached collectors).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ VERBS = ("relevance", "stage_change", "descriptors", "attribute_positions")
 
 @dataclass(frozen=True)
 class Needs:
-    """What a method needs from a task (tasks check these before calling it).
+    """What a method needs from a task; the runner checks it against the task's `Provides` before
+    asking, and records the method as not applicable to the task, with the reason, when it is unmet.
 
     Attributes:
         labels: the split's labels (sentence or word labels).
@@ -41,6 +43,41 @@ class Needs:
     stages: bool = False
     gradients: bool = False
     train_budget: int | None = None
+
+
+@dataclass(frozen=True)
+class Provides:
+    """What a task hands the methods it asks (the counterpart of `Needs`).
+
+    Attributes:
+        labels: the split carries labels (sentence or word labels).
+        stages: the method gets a second model stage (`MethodContext.parent`).
+        gradients: the model has a task head to backpropagate an objective through.
+        train_budget: the most optimisation steps a method may spend per call, or None (no limit).
+    """
+
+    labels: bool = False
+    stages: bool = False
+    gradients: bool = False
+    train_budget: int | None = None
+
+
+def not_applicable(method: "Method", verb: str, provides: Provides) -> str | None:
+    """Why `method` cannot answer `verb` for a task that provides `provides`, or None when it can."""
+    if not method.supports(verb):
+        return f"method {method.name!r} does not implement {verb!r}"
+    needs = method.needs
+    missing = [what for what, need, have in (("labels", needs.labels, provides.labels),
+                                             ("a second model stage", needs.stages, provides.stages),
+                                             ("a model with a task head for gradients", needs.gradients,
+                                              provides.gradients)) if need and not have]
+    if missing:
+        return f"method {method.name!r} needs {' and '.join(missing)}, which the task does not provide"
+    budget = provides.train_budget
+    if needs.train_budget is not None and budget is not None and needs.train_budget > budget:
+        return (f"method {method.name!r} trains for {needs.train_budget} steps a call; the task allows "
+                f"{budget}")
+    return None
 
 
 @dataclass
@@ -139,21 +176,20 @@ class Method:
         return getattr(cls, verb) is not getattr(Method, verb)
 
 
-@dataclass(frozen=True)
-class NotApplicable:
-    """A method asked for a verb it does not implement (recorded, never a crash)."""
-
-    method: str
-    verb: str
-
-    def __str__(self) -> str:
-        return f"method {self.method!r} does not implement {self.verb!r}: not applicable"
+class NotApplicable(NotImplementedError):
+    """A method cannot answer what it was asked (the runner records it as not applicable, with
+    this message as the reason; never a crash)."""
 
 
 def call_verb(method: Method, verb: str, ctx: MethodContext, *args):
-    """Ask `method` for `verb`, validate the answer, or return NotApplicable."""
+    """Ask `method` for `verb` and validate the answer.
+
+    Raises:
+        NotApplicable: the method does not implement `verb`.
+        MethodOutputError: the answer cannot be scored.
+    """
     if not method.supports(verb):
-        return NotApplicable(method.name, verb)
+        raise NotApplicable(f"method {method.name!r} does not implement {verb!r}")
     out = getattr(method, verb)(ctx, *args)
     check_output(method.name, verb, ctx, out, *args)
     return out

@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 
 from ..engine.cache import Cache
-from ..engine.method import METHODS, Method, get_method
+from ..engine.method import METHODS, Method, get_method, not_applicable
 from ..engine.records import Record, headline_table, save_results, to_frame, utc_stamp
 from .task import TASKS, RunEnv, Task, TaskSpec, record
 from .verdicts import sanity_flags
@@ -64,14 +64,20 @@ def timed_run(task: Task, spec: TaskSpec, method: Method, env: RunEnv,
 
 
 def _score(task: Task, spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
-    if not method.supports(spec.verb):
-        log.info("%s does not implement %s: not applicable to %s", method.name, spec.verb, spec.name)
-        return [record(spec, method.name, f"{spec.name}.not_applicable", None, env.seed, status="not_applicable")]
-    try:
-        return task.score(spec, method, env)
-    except NotImplementedError as err:  # e.g. a gradient method on a model without a task head
-        log.warning("%s on %s: not applicable (%s)", method.name, spec.name, err)
-        return [record(spec, method.name, f"{spec.name}.not_applicable", None, env.seed, status="not_applicable")]
+    # The one place where "not applicable" is decided: the verb and the method's needs against what
+    # the task provides, before the call; a NotImplementedError from inside (e.g. a gradient
+    # method on a model without a task head, with `--model`) is recorded the same way.
+    reason = not_applicable(method, spec.verb, task.provides_for(spec))
+    if reason is None:
+        try:
+            return task.score(spec, method, env)
+        except NotImplementedError as err:
+            reason = str(err)
+            log.warning("%s on %s: not applicable (%s)", method.name, spec.name, reason)
+    else:
+        log.info("%s on %s: not applicable (%s)", method.name, spec.name, reason)
+    env.not_applicable[f"{spec.name}/{method.name}"] = reason
+    return [record(spec, method.name, f"{spec.name}.not_applicable", None, env.seed, status="not_applicable")]
 
 
 def run_suite(config: RunConfig, progress: bool = True,
@@ -102,7 +108,8 @@ def run_suite(config: RunConfig, progress: bool = True,
     record_config = {"run_id": run_id, "created": utc_stamp(),
                      "config": asdict(config), "tasks": specs,
                      "fingerprints": {n: resolve_spec(TASKS.get(n), config).fingerprint() for n in task_names},
-                     "methods": [m.name for m in methods], "seconds": timings}
+                     "methods": [m.name for m in methods], "seconds": timings,
+                     "not_applicable": dict(env.not_applicable)}
     frame = to_frame(records, run_id)
     if config.out:
         save_results(frame, record_config, Path(config.out))

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..engine import catalogue
 from ..engine.cache import Cache
-from ..engine.method import VERBS, Method
+from ..engine.method import VERBS, Method, Provides
 from ..engine.models import LoadedModel, load_model
 from ..engine.records import Record
 from ..engine.registry import Registry
@@ -117,7 +117,8 @@ class TaskSpec:
 
 @dataclass
 class RunEnv:
-    """What a scoring function gets besides the spec and the method: seeds, cache, models."""
+    """What a scoring function gets besides the spec and the method: seeds, cache, models.
+    `not_applicable` collects, per `task/method`, why the run recorded a method as not applicable."""
 
     seed: int = 0
     quick: bool = False
@@ -125,6 +126,7 @@ class RunEnv:
     progress: bool = True
     split: str = "public"
     hidden_seed: int | None = None
+    not_applicable: dict[str, str] = field(default_factory=dict)
     _models: dict = field(default_factory=dict)
     _memo: dict = field(default_factory=dict)
 
@@ -200,30 +202,41 @@ Scorer = Callable[[TaskSpec, Method, RunEnv], list[Record]]
 
 @dataclass(frozen=True)
 class Task:
-    """A registered task: its spec, its scoring function and its parameters' class."""
+    """A registered task: its spec, its scoring function, its parameters' class and what it hands
+    the methods it asks (`provides`; a second stage is also provided whenever the spec has a
+    parent or asks `stage_change`)."""
 
     spec: TaskSpec
     score: Scorer
     params: type[TaskParams] | None = None
+    provides: Provides = Provides()
+
+    def provides_for(self, spec: TaskSpec) -> Provides:
+        """What the task provides when run with `spec` (its own, `--quick` or replaced)."""
+        stages = self.provides.stages or spec.parent is not None or spec.verb == "stage_change"
+        return replace(self.provides, stages=stages)
 
 
 TASKS: Registry[Task] = Registry("task", "neuronbench.tasks", "neuronbench.tasks")
 
 
-def register_task(spec: TaskSpec, params: type[TaskParams] | None = None) -> Callable[[Scorer], Scorer]:
+def register_task(spec: TaskSpec, params: type[TaskParams] | None = None,
+                  provides: Provides = Provides()) -> Callable[[Scorer], Scorer]:
     """Register `spec` with the decorated scoring function under `spec.name`.
 
     Args:
         spec: the task's spec.
         params: its `TaskParams` class; the spec's parameters, and those of its `--quick`
             version, are checked here, so a broken task fails when its module is imported.
+        provides: what the task hands a method (labels, gradients through a task head, a
+            training budget); the runner checks each method's `Needs` against it before scoring.
     """
     if params is not None:
         params.of(spec)
         params.of(spec.quick_version())
 
     def decorate(score: Scorer) -> Scorer:
-        TASKS.register(spec.name)(Task(spec, score, params))
+        TASKS.register(spec.name)(Task(spec, score, params, provides))
         return score
     return decorate
 

@@ -13,11 +13,12 @@ import torch
 from neuronbench.harness.engine.cache import Cache
 from neuronbench.harness.engine.method import Method, get_method
 from neuronbench.harness.engine.metrics import auroc
-from neuronbench.tasks._planting import ffn_inputs, fit_detectors, plant_units
 from neuronbench.harness.engine.sites import Site
+from neuronbench.harness.suite.runner import run_one
 from neuronbench.harness.suite.task import TASKS, RunEnv
 from neuronbench.harness.zoo.tiny import tiny_model, tiny_tokenizer
 from neuronbench.tasks import descriptors as D
+from neuronbench.tasks._planting import ffn_inputs, fit_detectors, plant_units
 from conftest import quick_zoo_home
 
 TINY = "tiny-descriptors-bert"
@@ -67,7 +68,7 @@ def toy_spec(corpus_file):
 
 
 def _run(spec, model, method: Method, seed: int, cache: Cache):
-    return D.score(spec, method, RunEnv(seed=seed, cache=cache, progress=False, _models={TINY: model}))
+    return run_one(TASKS.get("descriptors"), spec, method, RunEnv(seed=seed, cache=cache, progress=False, _models={TINY: model}))
 
 
 def _values(records) -> dict[str, float]:

@@ -15,7 +15,8 @@ from neuronbench.harness.engine import data
 from neuronbench.harness.engine.batching import encode
 from neuronbench.harness.engine.method import Method, MethodContext, MethodOutputError, get_method
 from neuronbench.harness.engine.sites import Site
-from neuronbench.harness.suite.task import RunEnv
+from neuronbench.harness.suite.runner import run_one
+from neuronbench.harness.suite.task import TASKS, RunEnv
 from neuronbench.harness.zoo.tiny import tiny_model, tiny_tokenizer
 from neuronbench.tasks import erasure
 from neuronbench.tasks.prune import train_means
@@ -59,7 +60,7 @@ def _run(model, method: Method, seed: int = 0, cache=None, split: str = "public"
     spec = dataclasses.replace(SPEC, params=tuple({**dict(SPEC.params), **params}.items()))
     env = RunEnv(seed=seed, cache=cache, progress=False, split=split,
                  hidden_seed=11 if split == "hidden" else None, _models={TINY: model})
-    return erasure.score(spec, method, env)
+    return run_one(TASKS.get("erasure"), spec, method, env)
 
 
 def _by_metric(records) -> dict[tuple[str, float | None], float]:

@@ -11,7 +11,8 @@ import torch
 
 from neuronbench.harness.engine import data
 from neuronbench.harness.engine.method import Method, MethodContext, get_method
-from neuronbench.harness.suite.task import RunEnv
+from neuronbench.harness.suite.runner import run_one
+from neuronbench.harness.suite.task import TASKS, RunEnv
 from neuronbench.tasks import probe
 
 QUICK = probe.SPEC.quick_version()
@@ -34,7 +35,7 @@ def _env(model, cache, seed: int = 0, **kw) -> RunEnv:
 
 def _run(model, method: Method, cache, seed: int = 0, spec=None, **kw):
     spec = spec or dataclasses.replace(QUICK, model=model.name)
-    return probe.score(spec, method, _env(model, cache, seed, **kw))
+    return run_one(TASKS.get("probe"), spec, method, _env(model, cache, seed, **kw))
 
 
 def _by_metric(records) -> dict:

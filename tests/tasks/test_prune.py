@@ -13,7 +13,8 @@ from neuronbench.harness.engine import data
 from neuronbench.harness.engine.intervene import MaskSet, evaluate_masks, gold_label_scores
 from neuronbench.harness.engine.method import Method, MethodContext, NeuronScores, get_method
 from neuronbench.harness.engine.sites import NeuronIndex, Site
-from neuronbench.harness.suite.task import RunEnv
+from neuronbench.harness.suite.runner import run_one
+from neuronbench.harness.suite.task import TASKS, RunEnv
 from neuronbench.harness.zoo.tiny import tiny_model, tiny_tokenizer
 from neuronbench.tasks import prune
 from conftest import quick_zoo_home
@@ -57,7 +58,7 @@ def _sharp_run(sharp, method: Method, seed: int = 0, tmp_cache=None, **params):
     spec = dataclasses.replace(QUICK, model=SHARP, parent=None,
                                params=tuple({**dict(QUICK.params), **params}.items()))
     env = RunEnv(seed=seed, cache=tmp_cache, progress=False, _models={SHARP: sharp})
-    return prune.score(spec, method, env)
+    return run_one(TASKS.get("prune"), spec, method, env)
 
 
 def _by_metric(records) -> dict[tuple[str, float | None], float]:
