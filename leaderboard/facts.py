@@ -68,9 +68,8 @@ class _Probe(Method):
     def stage_change(self, ctx):
         from neuronbench.harness.engine import catalogue
 
-        base = ctx.model.name.partition("@")[0]
         checkpoint_step(ctx.model)  # a stage pair the format can key, or a clear error
-        self._stop(ctx, steps=tuple(catalogue.get_spec(base).hparams.checkpoints))
+        self._stop(ctx, steps=catalogue.steps(ctx.model.name))
 
     def descriptors(self, ctx, vocabulary):
         self._stop(ctx, vocabulary=tuple(vocabulary))

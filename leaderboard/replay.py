@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from neuronbench.harness.engine.catalogue import ModelRef
 from neuronbench.harness.engine.method import Method, MethodContext, NeuronScores
 from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.harness.engine.sites import NeuronIndex, Site
@@ -29,12 +30,11 @@ class ReplayError(ValueError):
 
 def checkpoint_step(model: LoadedModel) -> int:
     """The training step of a trajectory checkpoint loaded as `name@STEP` (or `name@stepSTEP`)."""
-    _, at, suffix = model.name.partition("@")
-    text = suffix[4:] if suffix.startswith("step") else suffix
-    if not at or not text.isdigit():
+    step = ModelRef.parse(model.name).step
+    if step is None:
         raise ValueError(f"cannot tell which checkpoint model {model.name!r} is: stage_change answers are "
                          "keyed by checkpoint steps, so both stages must be loaded as NAME@STEP")
-    return int(text)
+    return step
 
 
 def example_ids(ctx: MethodContext) -> list[int]:

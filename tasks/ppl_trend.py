@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from neuronbench.harness.engine import catalogue
+from neuronbench.harness.engine.catalogue import ModelRef
 from neuronbench.harness.engine.data import load, subsample
 from neuronbench.harness.engine.method import Method, MethodContext, Provides, call_verb
 from neuronbench.harness.engine.metrics import kendall, spearman
@@ -50,12 +52,6 @@ SPEC = TaskSpec(
     description="Spearman/Kendall of stage change vs log-perplexity improvement between checkpoints")
 
 
-def checkpoints(name: str) -> tuple[int, ...]:
-    from neuronbench.harness.engine import catalogue
-
-    return tuple(catalogue.get_spec(name).hparams.checkpoints)
-
-
 @torch.no_grad()
 def chunk_losses(model, valid_ids: torch.Tensor, seq_len: int, batch_size: int = 64) -> torch.Tensor:
     """Summed next-token loss of each `seq_len` block of the validation stream: (n_blocks,)."""
@@ -91,8 +87,8 @@ def _correlations(changes: np.ndarray, losses: np.ndarray, tokens_per_block: int
 
 @register_task(SPEC, Params, Provides(gradients=True))
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list:
-    steps = checkpoints(spec.model)
-    models = [env.model(f"{spec.model}@{s}") for s in steps]
+    steps = catalogue.steps(spec.model)
+    models = [env.model(str(ModelRef.at_step(spec.model, s))) for s in steps]
     p = Params.of(spec)
     corpus = load("ptb", seed=spec.split_seed)
     text = subsample(corpus.splits["train"], p.method_lines, seed=spec.split_seed)

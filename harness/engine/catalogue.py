@@ -122,7 +122,7 @@ class ZooSpec:
         if want is None or not isinstance(self.hparams, want):
             raise ValueError(f"zoo entry {self.name!r}: kind {self.kind!r} must be one of {KINDS} "
                              f"with hparams of its type, got {type(self.hparams).__name__}")
-        if "@" in self.name or self.scale not in SCALES:
+        if ModelRef.parse(self.name).at is not None or self.scale not in SCALES:
             raise ValueError(f"zoo entry {self.name!r}: names hold no '@'; scale is one of {SCALES}")
 
 
@@ -254,8 +254,8 @@ def aliases() -> dict[str, str]:
     for spec in entries():
         out[spec.name] = f"{spec.description} [{'hub' if spec.kind == 'hub' else 'zoo'}]"
         if spec.kind == "trajectory":
-            out.update({f"{spec.name}@{step}": f"{spec.name} checkpoint at step {step} [zoo]"
-                        for step in spec.hparams.checkpoints})
+            out.update({str(ModelRef.at_step(spec.name, step)):
+                        f"{spec.name} checkpoint at step {step} [zoo]" for step in spec.hparams.checkpoints})
     return out
 
 
@@ -302,6 +302,55 @@ def _jsonable(obj):
 
 # --------------------------------------------------------------------------- resolving
 
+@dataclass(frozen=True)
+class ModelRef:
+    """A model reference as users write it: `NAME`, or `NAME@AT` for a checkpoint.
+
+    `AT` is a trajectory step (`ptb-lm@300`, or `ptb-lm@step300`) or a hub revision
+    (`pythia-70m@step1000`, whose revision is the text itself). The one place the grammar lives.
+
+    Attributes:
+        name: the model or zoo entry (no '@').
+        at: the text after '@', or None when there is none.
+    """
+
+    name: str
+    at: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        name, sep, at = text.partition("@")
+        return cls(name, at if sep else None)
+
+    @classmethod
+    def at_step(cls, name: str, step: int) -> ModelRef:
+        """`name@step`, the checkpoint of trajectory `name` at `step`."""
+        return cls(name, str(int(step)))
+
+    @property
+    def step(self) -> int | None:
+        """The step `at` names (`300` or `step300`), or None when it names none."""
+        if self.at is None:
+            return None
+        text = self.at[4:] if self.at.startswith("step") else self.at
+        return int(text) if text.isdigit() else None
+
+    def __str__(self) -> str:
+        return self.name if self.at is None else f"{self.name}@{self.at}"
+
+
+def steps(name: str) -> tuple[int, ...]:
+    """The checkpoint steps of trajectory entry `name` (`@step` ignored), in order.
+
+    Raises:
+        KeyError: unknown entry, or one that is not a trajectory.
+    """
+    spec = get_spec(ModelRef.parse(name).name)
+    if spec.kind != "trajectory":
+        raise KeyError(f"zoo entry {spec.name!r} is a {spec.kind}, not a trajectory: it has no checkpoint steps")
+    return tuple(spec.hparams.checkpoints)
+
+
 def locate(name: str) -> tuple[str, str | None] | None:
     """(model id or folder, hub revision or None) of a zoo name, or None if it is not one.
 
@@ -312,19 +361,19 @@ def locate(name: str) -> tuple[str, str | None] | None:
         FileNotFoundError: a local entry that is not built (or is damaged): run `zoo build`.
         KeyError: a step the trajectory does not have, or `@` on a classifier.
     """
-    base, at, suffix = name.partition("@")
-    spec = _ENTRIES.get(base)
+    ref = ModelRef.parse(name)
+    spec = _ENTRIES.get(ref.name)
     if spec is None:
         return None
     if spec.kind == "hub":
-        return spec.hparams.repo, (suffix if at else spec.hparams.revision)
-    if at and spec.kind != "trajectory":
-        raise KeyError(f"zoo entry {base!r} is a {spec.kind} with no checkpoints; drop '@{suffix}'")
-    step = _parse_step(spec, suffix) if at else None
-    st = status(base)
+        return spec.hparams.repo, (ref.at if ref.at is not None else spec.hparams.revision)
+    if ref.at is not None and spec.kind != "trajectory":
+        raise KeyError(f"zoo entry {ref.name!r} is a {spec.kind} with no checkpoints; drop '@{ref.at}'")
+    step = _checked_step(spec, ref) if ref.at is not None else None
+    st = status(ref.name)
     if not st.built:
-        raise FileNotFoundError(f"zoo model {base!r} is {st.state} ({st.reason}): run "
-                                f"`neuronbench zoo build {base}` to build it")
+        raise FileNotFoundError(f"zoo model {ref.name!r} is {st.state} ({st.reason}): run "
+                                f"`neuronbench zoo build {ref.name}` to build it")
     if spec.kind == "classifier":
         return str(st.path), None
     return str(step_dir(st.path, step or spec.hparams.checkpoints[-1])), None
@@ -336,14 +385,13 @@ def resolve_zoo(name: str) -> str | None:
     return found[0] if found else None
 
 
-def _parse_step(spec: ZooSpec, suffix: str) -> int:
+def _checked_step(spec: ZooSpec, ref: ModelRef) -> int:
     steps = spec.hparams.checkpoints
-    text = suffix[4:] if suffix.startswith("step") else suffix
-    if text.isdigit() and int(text) in steps:
-        return int(text)
-    near = [min(steps, key=lambda s: abs(s - int(text)))] if text.isdigit() else []
+    if ref.step in steps:
+        return ref.step
+    near = [min(steps, key=lambda s: abs(s - ref.step))] if ref.step is not None else []
     hint = f"did you mean {spec.name}@{near[0]}? " if near else ""
-    raise KeyError(f"{spec.name!r} has no checkpoint {suffix!r}: {hint}its steps are "
+    raise KeyError(f"{spec.name!r} has no checkpoint {ref.at!r}: {hint}its steps are "
                    f"{', '.join(map(str, steps))}")
 
 

@@ -171,7 +171,7 @@ class RunEnv:
     def model(self, name: str) -> LoadedModel:
         """Load (once per run) the model `name`, building its zoo entry first if it is missing."""
         if name not in self._models:
-            base = name.partition("@")[0]
+            base = catalogue.ModelRef.parse(name).name
             if base in {spec.name for spec in catalogue.entries()}:
                 if catalogue.get_spec(base).kind != "hub" and not catalogue.status(base).built:
                     build(base, progress=self.progress)

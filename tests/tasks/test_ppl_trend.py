@@ -4,9 +4,10 @@ import math
 import numpy as np
 import pytest
 
+from neuronbench.harness.engine.catalogue import steps as checkpoints
 from neuronbench.harness.engine.method import Method, get_method
 from neuronbench.harness.suite.task import TASKS, RunEnv
-from neuronbench.tasks.ppl_trend import _correlations, checkpoints
+from neuronbench.tasks.ppl_trend import _correlations
 
 TASK = TASKS.get("ppl-trend")
 

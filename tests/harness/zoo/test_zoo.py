@@ -224,3 +224,15 @@ def test_spec_validation():
         catalogue.register_entry(catalogue.get_spec("ptb-lm"))
     with pytest.raises(ValueError, match="increasing"):
         catalogue.TrajectoryHP(checkpoints=(10, 5))
+
+
+def test_a_model_reference_is_parsed_in_one_place():
+    ref = catalogue.ModelRef.parse("ptb-lm@step300")
+    assert (ref.name, ref.at, ref.step, str(ref)) == ("ptb-lm", "step300", 300, "ptb-lm@step300")
+    assert catalogue.ModelRef.parse("ptb-lm@300").step == 300
+    assert catalogue.ModelRef.parse("minilm").at is None and catalogue.ModelRef.parse("minilm").step is None
+    assert catalogue.ModelRef.parse("pythia-70m@main").step is None
+    assert str(catalogue.ModelRef.at_step("ptb-lm", 43)) == "ptb-lm@43"
+    assert catalogue.steps("ptb-lm@5") == catalogue.get_spec("ptb-lm").hparams.checkpoints
+    with pytest.raises(KeyError, match="not a trajectory"):
+        catalogue.steps("minilm-polarity")
