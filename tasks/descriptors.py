@@ -115,12 +115,10 @@ class Params(TaskParams):
             raise ValueError(f"descriptors: ks={self.ks!r} must be positive integers, e.g. (1, 2, 5)")
 
 
-# Headline (version 2): P@2 minus the P@2 of the method's own answers shuffled across neurons
-# (`p_gap`), no skill = 0. Version 1's headline, P@2 against uniform chance (0.045), failed its
-# sanity check: `contrast` asked about a re-initialised MiniLM still got P@2 0.118 [0.105, 0.131]
-# and with permuted descriptors 0.073 [0.063, 0.082], because truths and answers both favour the
-# descriptors any feature detects easily (single-token classes such as punctuation). P@k, R@k and
-# uniform chance are still recorded (the paper's 75% P@2 is a P@2).
+# Headline: P@2 minus the P@2 of the method's own answers shuffled across neurons (`p_gap`), no
+# skill = 0, since truths and answers both favour the descriptors any feature detects easily (why
+# P@2 against uniform chance was dropped: CHANGELOG.md). P@k, R@k and uniform chance are still
+# recorded (the paper's 75% P@2 is a P@2).
 SPEC = TaskSpec(
     name="descriptors", version=2, verb="descriptors", model="minilm", data="wsj-pos", sites="resid",
     headline="descriptors.data.p_gap@2", no_skill=0.0,

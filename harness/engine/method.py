@@ -195,13 +195,12 @@ def call_verb(method: Method, verb: str, ctx: MethodContext, *args):
     return out
 
 
-METHODS: Registry[type[Method]] = Registry("method", "neuronbench.baselines", "neuronbench.methods")
+METHODS: Registry[type[Method]] = Registry(
+    "method", "neuronbench.baselines", "neuronbench.methods",
+    accepts=lambda obj: isinstance(obj, type) and issubclass(obj, Method), expected="a Method subclass")
 register_method = METHODS.register
 
 
 def get_method(name: str, **kwargs) -> Method:
     """An instance of the method `name` (a baseline, `module:Class`, or an entry point)."""
-    cls = METHODS.get(name)
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise KeyError(f"{name!r} is {cls!r}, not a neuronbench Method subclass")
-    return cls(**kwargs)
+    return METHODS.get(name)(**kwargs)

@@ -217,7 +217,18 @@ class Task:
         return replace(self.provides, stages=stages)
 
 
-TASKS: Registry[Task] = Registry("task", "neuronbench.tasks", "neuronbench.tasks")
+def _registered_task(obj: object) -> object:
+    """The task a `module:attr` name means: a `Task`, or the scoring function `register_task`
+    decorated (importing its module registered it)."""
+    if callable(obj) and not isinstance(obj, Task):
+        return next((task for task in TASKS.values() if task.score is obj), obj)
+    return obj
+
+
+TASKS: Registry[Task] = Registry("task", "neuronbench.tasks", "neuronbench.tasks",
+                                 accepts=lambda obj: isinstance(obj, Task),
+                                 expected="a Task (a function decorated with @register_task(spec))",
+                                 adapt=_registered_task)
 
 
 def register_task(spec: TaskSpec, params: type[TaskParams] | None = None,
