@@ -12,7 +12,8 @@ import torch
 from neuronbench.harness.engine.batching import encode
 from neuronbench.harness.engine.collect import CollectConfig
 from neuronbench.harness.engine.method import Method, MethodContext, Needs, NeuronScores, register_method
-from neuronbench.baselines._lca_probe import DEFAULT_GRID, Features, LambdaChoice, Probe, select_lambdas
+from neuronbench.baselines._lca_features import Features
+from neuronbench.baselines._lca_probe import DEFAULT_GRID, LambdaChoice, Probe, select_lambdas
 from neuronbench.harness.engine.sites import NeuronIndex
 
 log = logging.getLogger(__name__)

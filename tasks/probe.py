@@ -20,10 +20,9 @@ Protocol (fixed before measuring):
 - Label null (version 2): the method is asked again `null_permutations` times with the train
   split's word tags permuted across all words (`data.permute_labels`, key (run seed, 11, i);
   `ctx.labelling` = `permuted:<i>`); those rankings' top-k and bottom-k are probed on the real
-  tags. `tmb_gap` = the method's top-minus-bottom minus their mean: what the POS labels buy.
-  Version 1's headline, top-minus-bottom alone, failed the sanity check (`lca` on permuted tags
-  kept +0.068 of +0.121: a probe fitted to noise still weights generally informative neurons). A
-  method that reads no labels ranks alike on permuted tags: gap 0, no null probe retrained.
+  tags. `tmb_gap` = the method's top-minus-bottom minus their mean: what the POS labels buy
+  (why: CHANGELOG.md). A method that reads no labels ranks alike on permuted tags: gap 0, no null
+  probe retrained.
 - Control task: every word type (exact string) gets a tag drawn from the token-level tag
   distribution of the train split, by hashing (split_seed, word) to a uniform number and inverting
   the distribution's CDF: a function of the type alone, the same in every split and run. The same
@@ -33,29 +32,28 @@ Protocol (fixed before measuring):
 - Scoring: `n_test` test sentences (`RunEnv.scoring_subset`; the hidden split scores others), all
   their words. Intervals: paired percentile bootstrap over test sentences (words of one sentence
   are not independent), random-set seeds and null permutations resampled in every replicate
-  (see `_Bootstrap`).
+  (`metrics.PairedBootstrap`).
 - Method-independent probes (random sets, full) are trained once per run and shared (`RunEnv.memo`).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from neuronbench.harness.engine.activations import collect_cached
 from neuronbench.harness.engine.batching import encode
 from neuronbench.harness.engine.collect import CollectConfig
 from neuronbench.harness.engine.data import load, permute_labels, subsample
 from neuronbench.harness.engine.method import Method, MethodContext, Provides, call_verb
-from neuronbench.harness.engine.metrics import bootstrap_ci
+from neuronbench.harness.engine.metrics import PairedBootstrap
 from neuronbench.harness.engine.models import LoadedModel, load_model
 from neuronbench.harness.engine.ranking import rank_neurons, set_size
 from neuronbench.harness.engine.records import Record
 from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
+from neuronbench.tasks._probe_recipe import ProbeData, control_tags, correct_counts, tag_distribution
 
 log = logging.getLogger(__name__)
 
@@ -153,88 +151,6 @@ def null_context(ctx: MethodContext, seed: int, i: int) -> MethodContext:
 def random_permutation(n: int, seed: int, i: int) -> np.ndarray:
     """Random seed i's order of the n neurons (its k-sets are prefixes, so nested in k)."""
     return np.random.default_rng([seed + i, _RANDOM_STREAM]).permutation(n)
-
-
-# --------------------------------------------------------------------------- control task
-
-def tag_distribution(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """(n_classes,) share of each tag among the tokens `labels`."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).astype(np.float64)
-    if counts.sum() == 0:
-        raise ValueError("no labelled word to take the control tag distribution from")
-    return counts / counts.sum()
-
-
-def control_tags(words, probs: np.ndarray, seed: int) -> np.ndarray:
-    """A control tag per word: a function of the word's type (its exact string) and `seed` only.
-
-    Each type hashes (sha256 of seed and word) to a uniform number in [0, 1), mapped through the
-    inverse CDF of `probs`, so types draw tags independently from `probs`.
-    """
-    types, inverse = np.unique(np.asarray(words, dtype=object).astype(str), return_inverse=True)
-    cdf = np.cumsum(probs)
-    u = np.array([int.from_bytes(hashlib.sha256(f"{seed}\x00{w}".encode()).digest()[:8], "little") / 2.0 ** 64
-                  for w in types])
-    tags = np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), len(probs) - 1)
-    return tags[inverse.reshape(-1)].astype(np.int64)
-
-
-# --------------------------------------------------------------------------- the probe
-
-def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, steps: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W (d, C), b (C,)) of multinomial logistic regression: cross-entropy + l2 * sum W^2,
-    zero init, full-batch L-BFGS for at most `steps` iterations."""
-    weight = torch.zeros(x.shape[1], n_classes, requires_grad=True)
-    bias = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=10,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-9)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ weight + bias, y) + l2 * weight.square().sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return weight.detach(), bias.detach()
-
-
-@dataclass(frozen=True)
-class ProbeData:
-    """Standardised word activations and labels of the probe-train and the scored test words.
-
-    Attributes:
-        x_train, x_test: (W, N) float32 on the CPU, all resid neurons in `ctx.index` order.
-        y_train, y_test: {"task": gold tags, "control": control tags}, (W,) int64 each.
-        sentence: (W_test,) position of each test word's sentence among the scored sentences.
-        test_rows: ids (rows of the test split) of the scored sentences.
-        n_classes: number of tags.
-    """
-
-    x_train: torch.Tensor
-    y_train: dict[str, torch.Tensor]
-    x_test: torch.Tensor
-    y_test: dict[str, np.ndarray]
-    sentence: np.ndarray
-    test_rows: np.ndarray
-    n_classes: int
-
-    @property
-    def words_per_sentence(self) -> np.ndarray:
-        return np.bincount(self.sentence, minlength=len(self.test_rows)).astype(np.float64)
-
-
-def correct_counts(data: ProbeData, columns: np.ndarray, labels: str, l2: float, steps: int) -> np.ndarray:
-    """(n_sentences,) test words per scored sentence a probe on `columns` tags right (`labels`:
-    task or control)."""
-    cols = torch.as_tensor(columns, dtype=torch.long)
-    weight, bias = fit_probe(data.x_train.index_select(1, cols), data.y_train[labels], data.n_classes,
-                             l2, steps)
-    pred = (data.x_test.index_select(1, cols) @ weight + bias).argmax(1).numpy()
-    right = (pred == data.y_test[labels]).astype(np.float64)
-    return np.bincount(data.sentence, weights=right, minlength=len(data.test_rows))
 
 
 # --------------------------------------------------------------------------- data
@@ -352,35 +268,8 @@ def null_counts(spec: TaskSpec, data: ProbeData, sets, counts: dict, nulls: list
     return {key: np.stack(v) for key, v in rows.items()}
 
 
-class _Bootstrap:
-    """Paired percentile intervals over test sentences, resampling random-set seeds (or null
-    permutations) too.
-
-    Every statistic sees the same replicates: the sentences through `metrics.bootstrap_ci` (seeded
-    by `seed`) and the seeds from a generator restarted for every statistic, so intervals of
-    differences (top - bottom, task - control) are paired.
-    """
-
-    def __init__(self, words: np.ndarray, n_boot: int, seed: int):
-        self.words, self.n_boot, self.seed = words, n_boot, seed
-
-    def ci(self, per_seed: np.ndarray) -> tuple[float, float, float]:
-        """(value, low, high) of the word accuracy (or accuracy difference) of correct counts
-        `per_seed` (S, n_sentences), averaged over the S rows (random seeds or null permutations,
-        resampled with the sentences)."""
-        seeds = np.random.default_rng([self.seed, _BOOT_STREAM])
-
-        def stat(ex: np.ndarray) -> float:
-            n = len(per_seed)
-            rows = per_seed[seeds.integers(0, n, n)] if n > 1 else per_seed
-            return rows[:, ex].mean() / self.words[ex].mean()
-
-        value = per_seed.mean() / self.words.mean()
-        return (float(value), *bootstrap_ci(stat, len(self.words), self.n_boot, self.seed))
-
-
 def summarise(spec: TaskSpec, method: str, seed: int, counts: dict, nulls: dict, ks, n_neurons: int,
-              boot: _Bootstrap) -> list[Record]:
+              boot: PairedBootstrap) -> list[Record]:
     """Accuracy, control accuracy and selectivity per condition and k, top-minus-bottom with its
     label null and their gap per k, the full probe's, and the headline `probe.tmb_gap@10` beside
     `probe.top_minus_bottom@10` and `probe.selectivity@10`, each with its interval."""
@@ -433,5 +322,6 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     sets = neuron_sets(answer.overall(), ks, n_seeds, env.seed)
     counts = evaluate(spec, env, data, sets, ctx.index.size)
     nulls = null_counts(spec, data, sets, counts, null_scores, ks, env.seed)
-    boot = _Bootstrap(data.words_per_sentence, n_boot, env.seed)
+    words = data.words_per_sentence
+    boot = PairedBootstrap(len(words), n_boot, env.seed, _BOOT_STREAM, den=words)
     return summarise(spec, method.name, env.seed, counts, nulls, ks, ctx.index.size, boot)

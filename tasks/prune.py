@@ -16,7 +16,7 @@ from neuronbench.harness.engine.collect import CollectConfig
 from neuronbench.harness.engine.data import load
 from neuronbench.harness.engine.intervene import ABLATION_MODES, MaskSet, evaluate_masks, gold_label_scores
 from neuronbench.harness.engine.method import Method, MethodContext, Provides, call_verb
-from neuronbench.harness.engine.metrics import bootstrap_ci
+from neuronbench.harness.engine.metrics import PairedBootstrap
 from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.harness.engine.ranking import rank_neurons, set_size
 from neuronbench.harness.engine.records import Record
@@ -54,10 +54,8 @@ class Params(TaskParams):
 # to load, so --quick hands the child itself to the method as its parent (a stage-comparing method
 # then sees no change; the quick run checks plumbing, not skill). n_test: a mask costs a forward
 # pass per sentence (~6 ms for MiniLM on 2 CPU cores), and the ~190 masks of a run over all 400
-# test sentences took ~8 min a method. Version 2 (was 200): 120 public sentences, so that ten
-# methods fit the default suite's time budget and the hidden split has 280 others to draw from;
-# the intervals are dominated by which random sets hold a harmful neuron, not by the sentences.
-# Version 2 also compares the bottom-k with the uniform random sets (see `summarise`).
+# test sentences took ~8 min a method: 120 public sentences let ten methods fit the default
+# suite's time budget and leave the hidden split 280 others (version history: CHANGELOG.md).
 SPEC = TaskSpec(
     name="prune", version=2, verb="relevance", model="minilm-polarity", parent="minilm",
     data="polarity", sites="ffn", headline="prune.gap_auc", no_skill=0.0,
@@ -175,37 +173,10 @@ def evaluate_plan(model: LoadedModel, test, index: NeuronIndex, plan: PrunePlan,
     return np.stack([known[s.tobytes()] for s in plan.sets])
 
 
-class _Bootstrap:
-    """Paired percentile intervals that resample test examples and, for random conditions, seeds.
-
-    Each replicate draws test examples (through `metrics.bootstrap_ci`, seeded by `seed`) and, from
-    a generator restarted for every statistic, random-set seeds: every statistic sees the same
-    replicates, so intervals of differences stay paired. Resampling seeds matters: a few FFN
-    neurons break the classifier when ablated, and whether a random set holds one varies more
-    from seed to seed than the test examples do.
-    """
-
-    def __init__(self, n_examples: int, n_seeds: int, n_boot: int, seed: int):
-        self.n, self.n_seeds, self.n_boot, self.seed = n_examples, n_seeds, n_boot, seed
-
-    def ci(self, per_seed: np.ndarray, den: np.ndarray | None = None) -> tuple[float, float, float]:
-        """(value, low, high) of mean(per_seed) [/ mean(den)]; per_seed is (S, n), S = 1 or n_seeds."""
-        seeds = np.random.default_rng([self.seed, _BOOT_STREAM])
-
-        def stat(ex: np.ndarray) -> float:
-            draw = seeds.integers(0, self.n_seeds, self.n_seeds)
-            rows = per_seed[draw] if len(per_seed) > 1 else per_seed
-            num = rows[:, ex].mean()
-            return num if den is None else num / den[ex].mean()
-
-        value = per_seed.mean() if den is None else per_seed.mean() / den.mean()
-        return (float(value), *bootstrap_ci(stat, self.n, self.n_boot, self.seed))
-
-
 def summarise(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, scores: np.ndarray,
               n_boot: int, n_neurons: int) -> list[Record]:
     """Drop curves per k, `gap_auc`, `bottom_gap` and the full model's accuracy, each with a
-    bootstrap interval (see `_Bootstrap`).
+    bootstrap interval (`metrics.PairedBootstrap`: test examples and random-set seeds resampled).
 
     A drop is the full model's value minus the ablated one (accuracy, or mean log-probability of
     the gold label); a random condition's value is the mean over its seeds. Per k,
@@ -213,8 +184,7 @@ def summarise(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, scores: n
     accuracy, and bottom gap = (mean drop of uniform random-k - drop of bottom-k) / full accuracy:
     both are 0 for chance and higher for a better ranking (top neurons matter more than random ones
     of their layers; bottom neurons matter less than random ones, as in LCA's top / random / bottom
-    comparison). Version 1 matched the bottom's random sets to its per-layer counts too; version 2
-    uses the uniform sets every method shares, which cut a method's own masks from 132 to 72. `gap_auc`
+    comparison); the bottom is compared with the uniform sets every method shares. `gap_auc`
     and `bottom_gap` are their means over the ks (equal weights); `loglik_gap_auc` and
     `loglik_bottom_gap` are the same in mean log-likelihood of the gold label (nats, not
     normalised), finer-grained than accuracy where few predictions flip.
@@ -222,7 +192,7 @@ def summarise(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, scores: n
     full = scores[0]  # (n, 2): [correct, log p(gold)] of the unablated model
     ks = sorted({k for _, k in plan.rows})
     n_seeds = len(plan.rows[(RANDOM_UNIFORM, ks[0])])
-    boot = _Bootstrap(full.shape[0], n_seeds, n_boot, seed)
+    boot = PairedBootstrap(full.shape[0], n_boot, seed, _BOOT_STREAM)
 
     def rec(metric: str, per_seed: np.ndarray, k: float | None = None,
             den: np.ndarray | None = None) -> Record:

@@ -89,6 +89,17 @@ class MaskSet:
         return cls(masks)
 
 
+def _fill_masked(state: dict, fills: dict[Site, torch.Tensor],
+                 site: Site) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A hook for `site` that writes its fill value into the neurons each copy's mask ablates; the
+    masks of the copies in the batch (Kg, N) are read from `state["mask"][site]` at call time."""
+    def fn(acts: torch.Tensor) -> torch.Tensor:
+        kg = state["mask"][site]  # (Kg, N)
+        shaped = acts.view(kg.shape[0], -1, *acts.shape[1:])  # (Kg, B, T, N)
+        return torch.where(kg[:, None, None, :], fills[site].to(acts.dtype), shaped).view_as(acts)
+    return fn
+
+
 def evaluate_masks(model: LoadedModel, dataset, masks: MaskSet,
                    score: Callable[[object, Batch], torch.Tensor], mode: str = "zero",
                    means: dict[Site, torch.Tensor] | None = None, max_tokens: int = 8192,
@@ -115,19 +126,11 @@ def evaluate_masks(model: LoadedModel, dataset, masks: MaskSet,
     lengths = [len(x) for x in enc.input_ids]
     # Each example is copied once per mask inside a group; size batches so copies fit the budget.
     per_group = max(1, min(K, max_tokens // max(lengths)))
-    state: dict[str, torch.Tensor] = {}
-
-    def make(site: Site):
-        def fn(acts: torch.Tensor) -> torch.Tensor:
-            kg = state["mask"][site]  # (Kg, N)
-            shaped = acts.view(kg.shape[0], -1, *acts.shape[1:])  # (Kg, B, T, N)
-            fill = fills[site].to(acts.dtype)
-            return torch.where(kg[:, None, None, :], fill, shaped).view_as(acts)
-        return fn
-
+    state: dict[str, dict[Site, torch.Tensor]] = {}
+    hooks = {s: _fill_masked(state, fills, s) for s in masks.masks}
     results: list[torch.Tensor] = [None] * len(enc)  # type: ignore[list-item]
     batches = plan_batches(lengths, max(1, max_tokens // per_group), 256)
-    with torch.inference_mode(), _autocast(model.device), site_hooks(model.model, {s: make(s) for s in masks.masks}):
+    with torch.inference_mode(), _autocast(model.device), site_hooks(model.model, hooks):
         for indices in batches:
             batch = make_batch(enc, indices, model.tokenizer.pad_token_id, device=model.device)
             outs = []

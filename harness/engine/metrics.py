@@ -1,4 +1,4 @@
-"""Metrics the tasks share: bootstrap intervals, rank correlations, precision/recall at k."""
+"""Metrics the tasks share: bootstrap intervals (plain and paired), rank correlations, precision/recall at k."""
 from __future__ import annotations
 
 from typing import Callable
@@ -23,6 +23,43 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, n_boot: int =
         return float("nan"), float("nan")
     alpha = (1 - level) / 2
     return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+
+
+class PairedBootstrap:
+    """Paired percentile intervals of a mean (or a ratio of means) over resampled units, which
+    resample the rows of a (S, n) array too (random-set seeds, null permutations).
+
+    Each replicate draws units (test examples or sentences, through `bootstrap_ci` seeded by
+    `seed`) and, from a generator seeded by (`seed`, `stream`) and restarted for every statistic,
+    S rows: every statistic sees the same replicates, so intervals of differences stay paired.
+    Resampling rows matters where they vary more than the units do (whether a random neuron set
+    holds one of the few neurons that break a classifier).
+
+    Args:
+        n: units per row.
+        n_boot: replicates.
+        seed: the run seed.
+        stream: the generator stream of the row draws (a task's bootstrap stream tag).
+        den: (n,) per-unit denominators (e.g. words per sentence), or None for a plain mean.
+    """
+
+    def __init__(self, n: int, n_boot: int, seed: int, stream: int, den: np.ndarray | None = None):
+        self.n, self.n_boot, self.seed, self.stream, self.den = n, n_boot, seed, stream, den
+
+    def ci(self, per_seed: np.ndarray, den: np.ndarray | None = None) -> tuple[float, float, float]:
+        """(value, low, high) of mean(per_seed) [/ mean(den)]; `per_seed` is (S, n), S = 1 or the
+        rows resampled with the units; `den` replaces the bootstrap's own denominators."""
+        den = self.den if den is None else den
+        rows_rng = np.random.default_rng([self.seed, self.stream])
+
+        def stat(units: np.ndarray) -> float:
+            s = len(per_seed)
+            rows = per_seed[rows_rng.integers(0, s, s)] if s > 1 else per_seed
+            num = rows[:, units].mean()
+            return num if den is None else num / den[units].mean()
+
+        value = per_seed.mean() if den is None else per_seed.mean() / den.mean()
+        return (float(value), *bootstrap_ci(stat, self.n, self.n_boot, self.seed))
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:

@@ -16,7 +16,8 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from ..engine import data
-from ..engine.catalogue import ClassifierHP, TrajectoryHP, step_dir  # noqa: F401  (the recipes' declarations)
+from ..engine.catalogue import step_dir
+from ..engine.recipes import ClassifierHP, TrajectoryHP
 from ..engine.models import default_device, prepare_tokenizer, resolve
 
 log = logging.getLogger(__name__)

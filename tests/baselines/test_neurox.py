@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from neuronbench.baselines import _lca_probe as probe_mod
+from neuronbench.baselines import _lca_features
+from neuronbench.baselines._lca_features import Features
+from neuronbench.baselines._lca_probe import keep_neurons, select_lambdas, train_probe
+from neuronbench.baselines.lca import neuron_ordering, ordering_scores, probe_data
+from neuronbench.baselines.probeless import probeless_scores
 from neuronbench.harness.engine.collect import Collection, SiteStats
 from neuronbench.harness.engine.method import MethodContext, call_verb, get_method
-from neuronbench.baselines._lca_probe import Features, keep_neurons, select_lambdas, train_probe
 from neuronbench.harness.engine.sites import NeuronIndex, Site
 from neuronbench.harness.engine.stats import LabelSums, Moments
 from neuronbench.harness.engine.validate import check_output
-from neuronbench.baselines.lca import neuron_ordering, ordering_scores, probe_data
-from neuronbench.baselines.probeless import probeless_scores
 
 SITE = Site.resid(0)
 
@@ -139,7 +140,7 @@ def test_probe_separates_linearly_separable_classes_from_a_chunked_float16_memma
     X, y = _separable(3000, 20, 3, 20, seed=0)
     mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float16, shape=X.shape)
     mm[:] = X
-    monkeypatch.setattr(probe_mod, "CHUNK_VALUES", 400 * 20)  # 8 chunks of 400 rows
+    monkeypatch.setattr(_lca_features, "CHUNK_VALUES", 400 * 20)  # 8 chunks of 400 rows
     feats = Features([mm])
     train, test = np.arange(2500), np.arange(2500, 3000)
     probe = train_probe(feats.take(train), y[train], 3, epochs=20, seed=1)

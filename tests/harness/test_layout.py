@@ -123,3 +123,21 @@ def test_the_import_reader_sees_lazy_and_relative_imports(tmp_path):
     path.write_text("from . import b\n\ndef f():\n    from ..x import y\n    import neuronbench.z\n")
     known = {"neuronbench.p.b", "neuronbench.x.y", "neuronbench.z", "neuronbench.p.unused"}
     assert imports("neuronbench.p.mod", path, known) == known - {"neuronbench.p.unused"}
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 50
+
+
+def test_no_module_over_400_lines_and_no_function_over_50():
+    """Rooms stay small: a module splits where the split has a name, a function where a step does."""
+    long_modules, long_functions = [], []
+    for name, path in modules().items():
+        source = path.read_text()
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            long_modules.append(f"{name}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1  # from `def` to its last line
+                if length > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{name}.{node.name}: {length} lines")
+    assert long_modules == [] and long_functions == []

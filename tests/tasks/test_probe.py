@@ -11,8 +11,10 @@ import torch
 
 from neuronbench.harness.engine import data
 from neuronbench.harness.engine.method import Method, MethodContext, get_method
+from neuronbench.harness.engine.metrics import PairedBootstrap
 from neuronbench.harness.suite.runner import run_one
 from neuronbench.harness.suite.task import TASKS, RunEnv
+from neuronbench.tasks import _probe_recipe as recipe
 from neuronbench.tasks import probe
 
 QUICK = probe.SPEC.quick_version()
@@ -54,16 +56,16 @@ class StagesOnly(Method):
 def test_control_tags_are_a_function_of_the_word_type_and_keep_the_tag_distribution():
     probs = np.array([0.5, 0.25, 0.15, 0.1, 0.0])
     types = [f"w{i}" for i in range(20000)]
-    tags = probe.control_tags(types, probs, seed=0)
+    tags = recipe.control_tags(types, probs, seed=0)
     assert np.abs(np.bincount(tags, minlength=5) / len(types) - probs).max() < 0.015
     assert not (tags == 4).any()  # a tag with no token is never drawn
     # The same type gets the same tag wherever it occurs, whatever other words are tagged with it.
     words = ["the", "cat", "The", "the", "sat", "cat"]
-    again = probe.control_tags(words, probs, seed=0)
+    again = recipe.control_tags(words, probs, seed=0)
     assert again[0] == again[3] and again[1] == again[5]
-    assert list(probe.control_tags(["sat", "the"], probs, seed=0)) == [again[4], again[0]]
-    assert (probe.control_tags(types, probs, seed=1) != tags).mean() > 0.3  # the seed draws anew
-    assert np.allclose(probe.tag_distribution(np.array([0, 0, 1, 3]), 4), [0.5, 0.25, 0, 0.25])
+    assert list(recipe.control_tags(["sat", "the"], probs, seed=0)) == [again[4], again[0]]
+    assert (recipe.control_tags(types, probs, seed=1) != tags).mean() > 0.3  # the seed draws anew
+    assert np.allclose(recipe.tag_distribution(np.array([0, 0, 1, 3]), 4), [0.5, 0.25, 0, 0.25])
 
 
 def test_sets_have_the_right_sizes_and_order():
@@ -92,7 +94,7 @@ def test_bad_parameters_are_rejected(tiny_bert, tmp_cache):
 
 # ---------------------------------------------------------------- scoring
 
-def _planted_data(n_neurons: int = 40, informative=(3, 17, 25, 38), seed: int = 0) -> probe.ProbeData:
+def _planted_data(n_neurons: int = 40, informative=(3, 17, 25, 38), seed: int = 0) -> recipe.ProbeData:
     """Four classes; neuron informative[c] is 1 on the words of class c, all neurons noisy."""
     rng = np.random.default_rng(seed)
 
@@ -105,7 +107,7 @@ def _planted_data(n_neurons: int = 40, informative=(3, 17, 25, 38), seed: int = 
     x_tr, y_tr = split(800)
     x_te, y_te = split(400)
     control_tr, control_te = rng.integers(0, 4, 800), rng.integers(0, 4, 400)
-    return probe.ProbeData(x_tr, {"task": torch.from_numpy(y_tr), "control": torch.from_numpy(control_tr)},
+    return recipe.ProbeData(x_tr, {"task": torch.from_numpy(y_tr), "control": torch.from_numpy(control_tr)},
                            x_te, {"task": y_te, "control": control_te}, np.repeat(np.arange(40), 10),
                            np.arange(40), n_classes=4)
 
@@ -122,7 +124,7 @@ def _summarise_planted(tmp_cache, nulls: list[torch.Tensor]) -> dict:
     sets = probe.neuron_sets(scores, ks, 3, 0)
     counts = probe.evaluate(spec, env, data, sets, 40)
     null = probe.null_counts(spec, data, sets, counts, nulls, ks, 0)
-    boot = probe._Bootstrap(data.words_per_sentence, 200, 0)
+    boot = PairedBootstrap(len(data.words_per_sentence), 200, 0, probe._BOOT_STREAM, den=data.words_per_sentence)
     return _by_metric(probe.summarise(spec, "planted", 0, counts, null, ks, 40, boot))
 
 

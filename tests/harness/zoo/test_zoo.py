@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from neuronbench.harness.engine import catalogue, data, models, paths
+from neuronbench.harness.engine import catalogue, data, models, paths, recipes
 from neuronbench.harness.suite import zoo_cli
 from neuronbench.harness.zoo import build as zoo
 from neuronbench.harness.zoo import train as zoo_train
@@ -223,7 +223,7 @@ def test_spec_validation():
     with pytest.raises(ValueError, match="already registered"):
         catalogue.register_entry(catalogue.get_spec("ptb-lm"))
     with pytest.raises(ValueError, match="increasing"):
-        catalogue.TrajectoryHP(checkpoints=(10, 5))
+        recipes.TrajectoryHP(checkpoints=(10, 5))
 
 
 def test_a_model_reference_is_parsed_in_one_place():
