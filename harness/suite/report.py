@@ -12,16 +12,37 @@ from typing import Callable
 
 import polars as pl
 
-from . import html
 from ..engine import paths
-from .plots import task_plot
 from ..engine.records import CONFIG, RESULTS, load_results
+from . import html
+from .plots import task_plot
 from .verdicts import sanity_flags
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 COLUMN_KEY = ("split", "task", "task_version", "config_hash", "metric")
+
+
+def text_table(frame: pl.DataFrame, width: int = 28) -> str:
+    """`frame` as a plain text table for a terminal: a header, a rule and one line per row, cells
+    cut to `width` characters, floats to 3 decimals, nulls blank. A `task (metric)` column name
+    (the summary's) is shown on two header lines, the task above its metric."""
+    def cell(value) -> str:
+        text = "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    heads = [c.split(" (", 1) if " (" in c else [c, ""] for c in frame.columns]
+    heads = [[top + (" SANITY FAILED" if rest.endswith(" SANITY FAILED") else ""),
+              rest.removesuffix(" SANITY FAILED").removesuffix(")")] for top, rest in heads]
+    rows = [[cell(v) for v in row] for row in frame.iter_rows()]
+    widths = [max(len(cell(h[0])), len(cell(h[1])), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+    lines = ["  ".join(cell(h[0]).ljust(w) for h, w in zip(heads, widths))]
+    if any(h[1] for h in heads):
+        lines.append("  ".join(cell(h[1]).ljust(w) for h, w in zip(heads, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def headline_of(task: str, config: dict | None = None) -> str | None:

@@ -24,6 +24,7 @@ from ..engine.models import LoadedModel
 from ..engine.records import save_results, to_frame
 from .runner import RunConfig, resolve_spec, run_one
 from .task import TASKS, RunEnv, Task, TaskSpec
+from .report import text_table
 from .verdicts import store_verdict
 
 
@@ -235,8 +236,7 @@ def _cli(args) -> int:
     config = RunConfig(tasks=tuple(args.tasks or ()), methods=(args.reference,) if args.reference else (),
                        quick=args.quick, seed=args.seed, out=args.out)
     checks, _, run_config = run_sanity(config)
-    with pl.Config(tbl_rows=100, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=200, float_precision=3):
-        print(checks_table(checks))
+    print(text_table(checks_table(checks)))
     for task, verdict in run_config["verdicts"].items():
         for check, metrics in verdict["surviving_metrics"].items():
             if metrics:
