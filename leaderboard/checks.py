@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from neuronbench.harness.engine.sites import SITE_KINDS
+from neuronbench.harness.engine.sites import NO_SITE, OUT_OF_RANGE, SITE_KINDS, UNKNOWN_KIND, Site
 from neuronbench.harness.engine.validate import MAX_DESCRIPTORS
 
 from .facts import TaskFacts
@@ -87,25 +87,20 @@ def check_values(file: str, verb: str, frame: pl.DataFrame) -> tuple[list[Proble
 def _locate_neurons(out: list[Problem], file: str, frame: pl.DataFrame, facts: TaskFacts) -> np.ndarray:
     """Flat neuron id of each row, -1 where the neuron is not one the task scores."""
     index = facts.index
-    sites = pl.DataFrame({"site_kind": [s.kind for s in index.sites], "layer": [s.layer for s in index.sites],
-                          "_offset": [index.offset(s) for s in index.sites], "_width": list(index.widths)},
-                         schema={"site_kind": pl.String, "layer": pl.Int64, "_offset": pl.Int64, "_width": pl.Int64})
-    found = frame.select("site_kind", "layer", "index").with_row_index("_row").join(
-        sites, on=["site_kind", "layer"], how="left").sort("_row")
-    kinds, layers, local = (found[c].to_numpy() for c in ("site_kind", "layer", "index"))
-    offset, width = found["_offset"].to_numpy(), found["_width"].to_numpy()
+    kinds, layers, local = (frame[c].to_numpy() for c in ("site_kind", "layer", "index"))
+    flat, problem = index.locate(kinds, layers, local)
     listed = ", ".join(map(str, index.sites))
-    bad_kind = ~np.isin(kinds, SITE_KINDS)
-    flag_rows(out, file, "site_kind", bad_kind, lambda r: f"unknown site kind {kinds[r]!r}; use one of {SITE_KINDS}")
-    no_site = found["_offset"].is_null().to_numpy() & ~bad_kind
-    flag_rows(out, file, "layer", no_site, lambda r: f"neuron outside the model: site {kinds[r]}.{layers[r]} is "
-                                                  f"not one the task scores ({listed})")
-    width = np.where(no_site | bad_kind, 0, np.nan_to_num(width.astype(float))).astype(np.int64)
-    off_range = ~no_site & ~bad_kind & ((local < 0) | (local >= width))
-    flag_rows(out, file, "index", off_range, lambda r: f"neuron outside the model: {kinds[r]}.{layers[r]} has "
-                                                    f"{width[r]} neurons, index {local[r]} is not in 0..{width[r] - 1}")
-    ok = ~(bad_kind | no_site | off_range)
-    return np.where(ok, np.nan_to_num(offset.astype(float)).astype(np.int64) + local, -1)
+    flag_rows(out, file, "site_kind", problem == UNKNOWN_KIND,
+              lambda r: f"unknown site kind {kinds[r]!r}; use one of {SITE_KINDS}")
+    flag_rows(out, file, "layer", problem == NO_SITE, lambda r: f"neuron outside the model: site {kinds[r]}.{layers[r]} is "
+                                                         f"not one the task scores ({listed})")
+
+    def outside(r: int) -> str:
+        width = index.width(Site(int(layers[r]), kinds[r]))
+        return f"neuron outside the model: {kinds[r]}.{layers[r]} has {width} neurons, index {local[r]} is not in 0..{width - 1}"
+
+    flag_rows(out, file, "index", problem == OUT_OF_RANGE, outside)
+    return flat
 
 
 def _duplicates(out: list[Problem], file: str, frame: pl.DataFrame, keys: list[str], field: str, what: str) -> None:

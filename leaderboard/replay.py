@@ -18,7 +18,7 @@ import torch
 from neuronbench.harness.engine.catalogue import ModelRef
 from neuronbench.harness.engine.method import Method, MethodContext, NeuronScores
 from neuronbench.harness.engine.models import LoadedModel
-from neuronbench.harness.engine.sites import NeuronIndex, Site
+from neuronbench.harness.engine.sites import OUT_OF_RANGE, NeuronIndex, Site
 from neuronbench.harness.engine.validate import check_output
 
 from .submission import COLUMNS, to_schema
@@ -230,14 +230,13 @@ class Replay(Method):
 
 def _flat_ids(index: NeuronIndex, part: pl.DataFrame, source: str) -> np.ndarray:
     """Flat ids (in `index`) of the neurons named by `part`'s site_kind/layer/index columns."""
-    flat = np.empty(len(part), np.int64)
-    for (kind, layer), rows in part.with_row_index("_row").group_by(["site_kind", "layer"]):
-        site = Site(int(layer), kind)
-        if site not in index.sites:
-            raise ReplayError(f"{source}: site {site} is not one the task asked about "
-                              f"({', '.join(map(str, index.sites))})")
-        local = rows["index"].to_numpy()
-        if local.min() < 0 or local.max() >= index.width(site):
-            raise ReplayError(f"{source}: a neuron index of {site} is outside 0..{index.width(site) - 1}")
-        flat[rows["_row"].to_numpy()] = index.offset(site) + local
+    kinds, layers, local = (part[c].to_numpy() for c in ("site_kind", "layer", "index"))
+    flat, problem = index.locate(kinds, layers, local)
+    for r in np.flatnonzero(problem)[:1].tolist():
+        site = f"{kinds[r]}.{layers[r]}"
+        if problem[r] == OUT_OF_RANGE:
+            width = index.width(Site(int(layers[r]), kinds[r]))
+            raise ReplayError(f"{source}: a neuron index of {site} is outside 0..{width - 1}")
+        raise ReplayError(f"{source}: site {site} is not one the task asked about "
+                          f"({', '.join(map(str, index.sites))})")
     return flat

@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
+import numpy as np
 import torch
 
 SiteKind = Literal["resid", "ffn"]
 SITE_KINDS: tuple[str, ...] = ("resid", "ffn")
+# Why `NeuronIndex.locate` finds no neuron for a row.
+UNKNOWN_KIND, NO_SITE, OUT_OF_RANGE = 1, 2, 3
 
 
 @dataclass(frozen=True, order=True)
@@ -114,6 +117,26 @@ class NeuronIndex:
         if flat.shape[-1] != self.size:
             raise ValueError(f"expected {self.size} values (one per neuron), got {flat.shape[-1]}")
         return dict(zip(self.sites, torch.split(flat, list(self.widths), dim=-1)))
+
+    def locate(self, kinds, layers, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Flat ids of the neurons that rows of (site kind, layer, local index) name, vectorised:
+        the one mapping from a table of neurons (a submission's, a replayed answer's) to ids.
+
+        Returns:
+            (flat, problem), each (n,): `flat` is the id, -1 where the row names no neuron of this
+            index; `problem` is 0, or UNKNOWN_KIND, NO_SITE (a site not in the index) or
+            OUT_OF_RANGE (an index outside its site's width).
+        """
+        kinds = np.asarray(kinds, dtype=object)
+        layers, local = np.asarray(layers), np.asarray(indices)
+        offset, width = np.full(len(kinds), -1, np.int64), np.zeros(len(kinds), np.int64)
+        for site, start, w in zip(self.sites, np.cumsum((0, *self.widths[:-1])), self.widths):
+            hit = (kinds == site.kind) & (layers == site.layer)
+            offset[hit], width[hit] = start, w
+        problem = np.where(~np.isin(kinds, SITE_KINDS), UNKNOWN_KIND, 0)
+        problem = np.where((problem == 0) & (offset < 0), NO_SITE, problem)
+        problem = np.where((problem == 0) & ((local < 0) | (local >= width)), OUT_OF_RANGE, problem)
+        return np.where(problem == 0, offset + local, -1), problem
 
     def concat(self, per_site: dict[Site, torch.Tensor]) -> torch.Tensor:
         """Inverse of `split` for per-site value vectors."""

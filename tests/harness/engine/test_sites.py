@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from neuronbench.harness.engine.sites import NeuronIndex, Site, parse_sites
+from neuronbench.harness.engine.sites import NO_SITE, OUT_OF_RANGE, UNKNOWN_KIND, NeuronIndex, Site, parse_sites
 
 WIDTHS = {Site.resid(1): 4, Site.ffn(0): 6, Site.resid(0): 4, Site.ffn(1): 6}
 
@@ -130,3 +130,12 @@ def test_split_and_concat_reject_wrong_shapes():
     del parts[Site.ffn(1)]
     with pytest.raises(KeyError, match="ffn.1"):
         ix.concat(parts)
+
+
+def test_locate_maps_a_table_of_neurons_to_flat_ids_and_says_why_not():
+    index = NeuronIndex.build({Site(0, "ffn"): 4, Site(1, "resid"): 3})
+    kinds, layers = ["ffn", "resid", "resid", "ffn", "attn", "resid"], [0, 1, 1, 1, 0, 1]
+    flat, problem = index.locate(kinds, layers, [3, 0, 2, 0, 0, 3])
+    assert flat.tolist() == [3, 4, 6, -1, -1, -1]
+    assert problem.tolist() == [0, 0, 0, NO_SITE, UNKNOWN_KIND, OUT_OF_RANGE]
+    assert [index.flat(*index.unflat(i)) for i in flat[:3].tolist()] == flat[:3].tolist()
