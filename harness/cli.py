@@ -76,8 +76,10 @@ def _collect(args) -> int:
     from .engine.activations import collect_cached, save_collection
     from .engine.collect import CollectConfig
     from .engine.models import load_model
-    from .engine.paths import atomic_dir, atomic_write_json
+    from .engine.paths import atomic_dir, atomic_write_json, check_output_dir
 
+    if args.out:  # before any work, and never over a folder that is not an earlier collection
+        check_output_dir(Path(args.out), COLLECTION, _is_collection)
     model = load_model(args.model)  # errors on a bad model before anything is written
     corpus, ds = _load_split(args.data, args.split, args.limit, args.seed)
     cfg = CollectConfig(sites=model.sites(args.sites), stats=tuple(args.stats.split(",")),
@@ -90,13 +92,22 @@ def _collect(args) -> int:
     _summarise(col, model, seconds)
     if args.out:
         out = Path(args.out)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, COLLECTION, legacy=_is_collection) as tmp:
             meta = save_collection(col, tmp)
             meta.update(model=args.model, model_fingerprint=model.fingerprint(), data=corpus.split_record(),
                         split=args.split, config=cfg.record(), seed=args.seed, versions=_versions())
             atomic_write_json(tmp / "meta.json", meta)
         print(f"wrote {out}/")
     return 0
+
+
+COLLECTION = "collection"
+
+
+def _is_collection(folder: Path) -> bool:
+    # A `collect --out` folder written before folders were stamped (see paths.atomic_dir).
+    return {p.name for p in folder.iterdir()} <= {"meta.json", "stats.safetensors"} | {
+        p.name for p in folder.glob("*.npy")} and (folder / "meta.json").is_file()
 
 
 def _versions() -> dict:

@@ -312,10 +312,7 @@ def write_site(board: Board, out: Path) -> Path:
         ValueError: `out` exists, is not empty and is not a site this command built.
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / DATA).is_file():
-        raise ValueError(f"{out} exists and is not a leaderboard site (no {DATA}); it would be replaced: "
-                         "pass an empty or new folder to --out")
-    with paths.atomic_dir(out) as tmp:
+    with paths.atomic_dir(out, "leaderboard-site", legacy=lambda f: (f / DATA).is_file()) as tmp:
         (tmp / INDEX).write_text(index_page(board), encoding="utf-8")
         (tmp / DATA).write_text(json.dumps(board_json(board), indent=2, default=str) + "\n", encoding="utf-8")
         (tmp / METHODS_DIR).mkdir()

@@ -108,7 +108,7 @@ def write_submission(folder: Path, man: dict, frames: dict[str, pl.DataFrame]) -
     folder = Path(folder)
     if folder.exists():
         raise ValueError(f"{folder} already exists; remove it or pass another --out")
-    with paths.atomic_dir(folder) as tmp:
+    with paths.atomic_dir(folder, "submission") as tmp:
         for task, frame in frames.items():
             frame.write_parquet(tmp / file_name(task))
         (tmp / MANIFEST).write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
