@@ -137,20 +137,31 @@ def _bench(args) -> int:
 def _run(args) -> int:
     import polars as pl
 
-    from .suite.runner import RunConfig, run_suite, summary
+    from .suite.runner import RunConfig, check_run_out, resume_config, run_suite, summary
 
-    config = RunConfig(tasks=tuple(args.tasks or ()), methods=tuple(args.methods or ()), model=args.model,
-                       quick=args.quick, seed=args.seed, out=args.out)
+    if args.resume:
+        config = resume_config(Path(args.resume))
+    else:
+        config = RunConfig(tasks=tuple(args.tasks or ()), methods=tuple(args.methods or ()), model=args.model,
+                           quick=args.quick, seed=args.seed, out=args.out, item_timeout=args.item_timeout)
+        check_run_out(Path(config.out))
     start = time.perf_counter()
-    frame, _ = run_suite(config)
+    frame, record = run_suite(config, resume=bool(args.resume))
     with pl.Config(tbl_rows=100, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=200):
         print(summary(frame))
-    print(f"{len(frame)} records in {time.perf_counter() - start:.0f} s; written to {args.out}/"
+    print(f"{len(frame)} records in {time.perf_counter() - start:.0f} s; written to {config.out}/"
           f"{{results.parquet,config.json}}")
     if not args.no_report:
         from .suite.report import write_report
 
-        print(f"report: {write_report(Path(args.out))}")
+        print(f"report: {write_report(Path(config.out))}")
+    if record["errors"]:
+        for item, error in record["errors"].items():
+            print(f"neuronbench: error: {item} failed: {error}", file=sys.stderr)
+        print(f"neuronbench: {len(record['errors'])} of {len(record['seconds'])} items failed (tracebacks in "
+              f"{config.out}/errors.log); fix them and rerun those with `neuronbench run --resume {config.out}`",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -259,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/latest", help="folder for results.parquet and config.json")
     p.add_argument("--no-report", action="store_true", help="do not write report.html into --out")
+    p.add_argument("--item-timeout", type=float, metavar="SECONDS",
+                   help="record a (task, method) item that takes longer as an error and go on")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the killed or failed run in DIR with its own settings (other options ignored)")
     p.set_defaults(fn=_run)
     p = sub.add_parser("methods", help="list the registered methods and their verbs")
     p.set_defaults(fn=_methods)

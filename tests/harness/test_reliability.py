@@ -102,3 +102,91 @@ def test_bad_out_paths_fail_before_any_work_with_one_line(tmp_path, capsys, monk
     assert main(["run", "--quick", "--tasks", "ppl-trend", "--methods", "random", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1 and "--out" in err
+
+
+# ---------------------------------------------------------------- isolated items, resume (case 2)
+
+USER_METHODS = '''
+import os, time
+from neuronbench.baselines.chance import RandomMethod
+
+
+class Raiser(RandomMethod):
+    name = "raiser"
+
+    def stage_change(self, ctx):
+        raise ValueError("boom from Raiser")
+
+    def attribute_positions(self, ctx, layer):
+        raise ValueError("boom from Raiser")
+
+
+class Sleeper(RandomMethod):
+    name = "sleeper"
+
+    def stage_change(self, ctx):
+        time.sleep(3600)
+
+
+class Killer(RandomMethod):
+    """`random` under another name, killing its process (no clean-up) when KILL_ME is set."""
+    name = "killer"
+
+    def stage_change(self, ctx):
+        if os.environ.get("KILL_ME"):
+            os._exit(9)
+        return super().stage_change(ctx)
+'''
+COLS = ["task", "task_version", "model", "method", "metric", "k", "seed", "value", "ci_low", "ci_high",
+        "config_hash", "split", "status"]
+
+
+@pytest.fixture
+def user_methods(tmp_path, monkeypatch):
+    (tmp_path / "mymods").mkdir()
+    (tmp_path / "mymods" / "reliability_methods.py").write_text(USER_METHODS)
+    monkeypatch.syspath_prepend(str(tmp_path / "mymods"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "mymods"), *sys.path]))
+    return "reliability_methods"
+
+
+def _records(folder: Path, methods=None):
+    from neuronbench.harness.records import load_results
+
+    frame, _ = load_results(folder)
+    frame = frame.filter(frame["method"].is_in(methods)) if methods else frame
+    return frame.select(COLS).sort("task", "method", "metric", "k", "seed", nulls_last=True)
+
+
+def test_a_raising_and_a_hanging_method_are_isolated_in_a_quick_suite(tmp_path, capsys, user_methods):
+    tasks = ["--quick", "--tasks", "ppl-trend", "erasure", "--no-report"]
+    assert main(["run", *tasks, "--methods", "random", "--out", str(tmp_path / "clean")]) == 0
+    capsys.readouterr()
+    bad = ["random", f"{user_methods}:Raiser", f"{user_methods}:Sleeper"]
+    assert main(["run", *tasks, "--methods", *bad, "--item-timeout", "20", "--out", str(tmp_path / "bad")]) == 1
+    err = capsys.readouterr().err
+    assert "ppl-trend/raiser failed: ValueError: boom from Raiser" in err
+    assert "ppl-trend/sleeper failed: TimeoutError" in err and "Traceback" not in err
+    assert "erasure/raiser failed: ValueError" in err
+    assert _records(tmp_path / "bad", ["random"]).equals(_records(tmp_path / "clean"))
+    frame = _records(tmp_path / "bad")
+    errors = frame.filter(frame["status"] == "error")
+    assert sorted(zip(errors["task"], errors["method"])) == [("erasure", "raiser"), ("ppl-trend", "raiser"),
+                                                            ("ppl-trend", "sleeper")]
+    log = (tmp_path / "bad" / "errors.log").read_text()
+    assert "Traceback" in log and "boom from Raiser" in log
+
+
+def test_a_killed_run_resumes_to_the_records_of_an_uninterrupted_one(tmp_path, user_methods):
+    argv = [sys.executable, "-m", "neuronbench.harness.cli", "run", "--quick", "--tasks", "ppl-trend",
+            "--methods", "random", f"{user_methods}:Killer", "activation", "--no-report"]
+    killed = subprocess.run([*argv, "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                            env={**os.environ, "KILL_ME": "1"})
+    assert killed.returncode == 9, killed.stderr
+    journal = (tmp_path / "run" / "progress.jsonl").read_text().splitlines()
+    assert len(journal) == 2 and json.loads(journal[1])["item"] == "ppl-trend/random"  # kept what it finished
+    assert main(["run", "--resume", str(tmp_path / "run"), "--no-report"]) == 0
+    assert main(["run", "--quick", "--tasks", "ppl-trend", "--methods", "random", f"{user_methods}:Killer",
+                 "activation", "--no-report", "--out", str(tmp_path / "whole")]) == 0
+    assert _records(tmp_path / "run").equals(_records(tmp_path / "whole"))
+    assert not (tmp_path / "run" / "progress.jsonl").exists()  # a finished run needs no journal
