@@ -145,8 +145,11 @@ def atomic_dir(final: Path, kind: str, *, keep_existing: bool = False,
     """
     final = Path(final)
     check_output_dir(final, kind, legacy)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final.name), dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final.name), dir=final.parent))
+    except OSError as err:  # named by `final`, not by an internal temporary path
+        raise ValueError(f"cannot write {final}: {err.strerror or err}; choose a folder you can write to") from None
     try:
         yield tmp
         (tmp / MARKER).write_text(json.dumps({"kind": kind}) + "\n")

@@ -190,3 +190,51 @@ def test_a_killed_run_resumes_to_the_records_of_an_uninterrupted_one(tmp_path, u
                  "activation", "--no-report", "--out", str(tmp_path / "whole")]) == 0
     assert _records(tmp_path / "run").equals(_records(tmp_path / "whole"))
     assert not (tmp_path / "run" / "progress.jsonl").exists()  # a finished run needs no journal
+
+
+# ---------------------------------------------------------------- model folders (case 4, tracebacks)
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    from neuronbench.harness.tiny import tiny_model
+
+    folder = tmp_path_factory.mktemp("model") / "tiny-bert"
+    loaded = tiny_model("bert")
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _copy(folder: Path, dest: Path, keep=lambda name: True) -> Path:
+    dest.mkdir()
+    for p in folder.iterdir():
+        if keep(p.name):
+            (dest / p.name).write_bytes(p.read_bytes())
+    return dest
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_naming_them(model_folder, tmp_path):
+    from neuronbench.harness.models import TOKENIZER_FILES, load_model
+
+    assert load_model(str(model_folder), device="cpu").tokenizer is not None
+    bare = _copy(model_folder, tmp_path / "bare", lambda name: name not in TOKENIZER_FILES)
+    with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but the model has \d+ embeddings.*no tokenizer files"):
+        load_model(str(bare), device="cpu")
+
+
+@pytest.mark.parametrize("damage", ["only-config", "truncated-weights", "unknown-architecture"])
+def test_a_damaged_model_folder_gives_one_line_naming_it(model_folder, tmp_path, capsys, damage):
+    if damage == "only-config":
+        folder = _copy(model_folder, tmp_path / "m", lambda name: name == "config.json")
+    else:
+        folder = _copy(model_folder, tmp_path / "m")
+    if damage == "truncated-weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    if damage == "unknown-architecture":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "no-such-arch"}))
+    assert main(["models", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(folder) in err
+    assert "not a local folder" not in err
