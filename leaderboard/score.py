@@ -18,7 +18,7 @@ from neuronbench.harness.suite.task import TASKS, RunEnv
 
 from .checks import Problem
 from .replay import Replay
-from .submission import MANIFEST, file_name, read_frame, read_manifest
+from .submission import MANIFEST, file_name, read_frame, read_manifest, submission_id
 from .validate import validate
 
 
@@ -84,7 +84,8 @@ def score_submission(config: ScoreConfig, hidden_seed: int | None = None,
     env = replace(env, seed=man["seed"], quick=man["quick"])
     records, seconds, specs = _replay_tasks(folder, man, names, env, progress)
     run_id = uuid.uuid4().hex[:12]
-    record_config = {"run_id": run_id, "created": utc_stamp(), "kind": "submission", "method": man["method"], "split": config.split,
+    record_config = {"run_id": run_id, "created": utc_stamp(), "kind": "submission", "method": man["method"],
+                     "submission_id": submission_id(man), "split": config.split,
                      "seed": man["seed"], "quick": man["quick"], "submission_sha256": hashlib.sha256(raw).hexdigest(),
                      "tasks": {n: asdict(s) for n, s in specs.items()},
                      "fingerprints": {n: s.fingerprint() for n, s in specs.items()}, "seconds": seconds}
@@ -101,7 +102,7 @@ def _replay_tasks(folder: Path, man: dict, names: list[str], env: RunEnv, progre
     for name in names:
         task = TASKS.get(name)
         specs[name] = spec = resolve_spec(task, RunConfig(quick=man["quick"]))
-        replay = Replay(man["method"], spec.verb, read_frame(folder / file_name(name)), file_name(name))
+        replay = Replay(submission_id(man), spec.verb, read_frame(folder / file_name(name)), file_name(name))
         got, seconds[name] = timed_run(task, spec, replay, env,
                                        f"[score {name}] {replay.name} ({env.split}) ..." if progress else None)
         records.extend(got)

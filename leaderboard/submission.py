@@ -117,7 +117,29 @@ def write_submission(folder: Path, man: dict, frames: dict[str, pl.DataFrame]) -
 
 def read_manifest(folder: Path) -> dict:
     """The parsed `submission.json` of `folder` (unchecked: run `validate` first)."""
-    return json.loads((Path(folder) / MANIFEST).read_text())
+    return strict_json((Path(folder) / MANIFEST).read_bytes().decode("utf-8"))
+
+
+def strict_json(text: str) -> object:
+    """`json.loads`, refusing an object with a duplicate key (the parser would keep the last one
+    silently, so a reader and a checker could see different values)."""
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        keys = [k for k, _ in items]
+        duplicated = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicated:
+            raise ValueError(f"duplicate key(s) {', '.join(map(repr, duplicated))} in one JSON object")
+        return dict(items)
+
+    return json.loads(text, object_pairs_hook=pairs)
+
+
+def submission_id(man: dict) -> str:
+    """The name a submission's records and leaderboard rows carry: `submitter/method@version`
+    (submitter = the manifest's contact, else its first author). The `/` keeps every submission
+    apart from the baselines, whose names never hold one, and the submitter apart from others."""
+    submitter = man.get("contact") or (man.get("authors") or ["anonymous"])[0]
+    clean = re.sub(r"[\s/]+", "-", str(submitter)).strip("-") or "anonymous"
+    return f"{clean}/{man['method']}@{man['method_version']}"
 
 
 class TooLarge(ValueError):

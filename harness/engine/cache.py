@@ -110,7 +110,7 @@ class Cache:
 
     def put(self, key: str, write: Callable[[Path], dict], parts: dict | None = None) -> Entry:
         """Create the entry for `key` by calling `write(tmp_folder) -> meta` then renaming atomically."""
-        with paths.atomic_dir(self.root / key, "cache-entry", keep_existing=True,
+        with paths.atomic_dir(self.root / key, "cache entry", keep_existing=True,
                               legacy=lambda f: (f / META).is_file()) as tmp:
             meta = dict(write(tmp))
             meta.update(key=key, created=time.strftime("%Y-%m-%dT%H:%M:%S"), harness_version=__version__,

@@ -139,7 +139,7 @@ def atomic_dir(final: Path, kind: str, *, keep_existing: bool = False,
 
     Args:
         final: the folder to create or replace.
-        kind: what the folder is (`collection`, `cache-entry`, `zoo-entry`, ...), stamped into it.
+        kind: what the folder is (`collection`, `cache entry`, `zoo entry`, ...), stamped into it.
         keep_existing: keep a complete `final` that appeared meanwhile and discard this one.
         legacy: recognises a folder of this kind written before folders were stamped.
     """

@@ -125,7 +125,7 @@ def load_results(folder: Path) -> tuple[pl.DataFrame, dict]:
     except (OSError, ValueError) as err:
         raise ValueError(f"{folder / CONFIG} is missing or not JSON ({err}); run the command that wrote "
                          f"{folder} again") from err
-    missing = set(SCHEMA) - set(frame.columns)
+    missing = set(SCHEMA) - {"split", "status"} - set(frame.columns)  # results older than those columns load
     if not isinstance(config, dict) or missing:
         raise ValueError(f"{folder} is not a NeuronBench results folder ("
                          + (f"{RESULTS} lacks columns {sorted(missing)})" if missing else f"{CONFIG} is not an object)"))

@@ -173,9 +173,9 @@ def write_report(folder: Path, out: Path | None = None) -> Path:
     frame, config = read_results(folder)
     out = Path(out) if out else Path(folder) / REPORT_FILE
     pngs = plots_dir(out)
-    paths.check_output_dir(pngs, "report-plots", _only_plots)
+    paths.check_output_dir(pngs, "report plots", _only_plots)
     page, figures = build_report(frame, config)
-    with paths.atomic_dir(pngs, "report-plots", legacy=_only_plots) as tmp:
+    with paths.atomic_dir(pngs, "report plots", legacy=_only_plots) as tmp:
         for task, png in figures.items():
             (tmp / f"{task}.png").write_bytes(png)
         tmp.chmod(0o755)  # temp files and folders are private; a report is for reading

@@ -57,7 +57,7 @@ def build(name: str, *, scale: str = "full", force: bool = False, progress: bool
     builder = {"classifier": zoo_train.build_classifier, "trajectory": zoo_train.build_trajectory}[spec.kind]
     start = time.perf_counter()
     final = entry_dir(spec.name)
-    with atomic_dir(final, "zoo-entry", legacy=lambda f: (f / MANIFEST).is_file()) as tmp:
+    with atomic_dir(final, "zoo entry", legacy=lambda f: (f / MANIFEST).is_file()) as tmp:
         result = builder(spec.hparams, tmp, progress)
         manifest = _manifest(spec, result, _file_sizes(tmp), time.perf_counter() - start)
         atomic_write_json(tmp / MANIFEST, manifest.to_json())

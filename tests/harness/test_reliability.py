@@ -39,8 +39,8 @@ def test_atomic_dir_replaces_its_own_kind_only(tmp_path):
     _write(final, "collection", "one")
     _write(final, "collection", "two")
     assert (final / "data.txt").read_text() == "two" and paths.folder_kind(final) == "collection"
-    with pytest.raises(ValueError, match="not a leaderboard-site output"):
-        _write(final, "leaderboard-site", "three")
+    with pytest.raises(ValueError, match="not a leaderboard site output"):
+        _write(final, "leaderboard site", "three")
     (tmp_path / "empty").mkdir()
     _write(tmp_path / "empty", "collection", "into an empty folder")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
@@ -53,7 +53,7 @@ def test_atomic_dir_is_safe_under_concurrent_writers(tmp_path, keep_existing):
     def writer(i):
         for j in range(n_each):
             try:
-                _write(final, "cache-entry", f"{i}-{j}", keep_existing=keep_existing)
+                _write(final, "cache entry", f"{i}-{j}", keep_existing=keep_existing)
                 assert (final / "data.txt").read_text()
             except Exception as err:  # noqa: BLE001 - every failure is counted
                 errors.append(repr(err))
@@ -238,3 +238,77 @@ def test_a_damaged_model_folder_gives_one_line_naming_it(model_folder, tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and str(folder) in err
     assert "not a local folder" not in err
+
+
+# ---------------------------------------------------------------- bound results (case 6)
+
+def _results(folder: Path, run_id: str, value: float) -> Path:
+    import polars as pl
+
+    from neuronbench.harness.records import Record, save_results, to_frame
+
+    frame = to_frame([Record("prune", 1, "m", "random", "prune.gap_auc", value, 0, "abc")], run_id)
+    save_results(frame, {"run_id": run_id}, folder)
+    assert isinstance(frame, pl.DataFrame)
+    return folder
+
+
+@pytest.mark.parametrize("verb", ["regress", "report", "leaderboard"])
+def test_results_and_config_of_two_runs_are_refused_by_every_reader(tmp_path, capsys, verb):
+    a, b = _results(tmp_path / "a", "run-a", 0.1), _results(tmp_path / "b", "run-b", 0.2)
+    (a / "config.json").write_bytes((b / "config.json").read_bytes())
+    argv = {"regress": ["regress", str(a), "--against", str(b)], "report": ["report", str(a)],
+            "leaderboard": ["leaderboard", "build", str(a), "--out", str(tmp_path / "site")]}[verb]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "different runs" in err and str(a) in err and err.count("\n") == 1
+
+
+def test_records_changed_after_writing_are_refused(tmp_path):
+    import polars as pl
+
+    from neuronbench.harness.records import load_results
+
+    a = _results(tmp_path / "a", "run-a", 0.1)
+    pl.read_parquet(a / "results.parquet").with_columns(value=pl.lit(0.9)).write_parquet(a / "results.parquet")
+    with pytest.raises(ValueError, match="hash mismatch"):
+        load_results(a)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-parquet", "no-config", "config-list"])
+def test_a_damaged_results_folder_gives_one_line(tmp_path, capsys, damage):
+    a, b = _results(tmp_path / "a", "run-a", 0.1), _results(tmp_path / "b", "run-b", 0.2)
+    results = a / "results.parquet"
+    if damage == "truncated":
+        results.write_bytes(results.read_bytes()[:50])
+    elif damage == "not-parquet":
+        results.write_text("task,value\nprune,1\n")
+    elif damage == "no-config":
+        (a / "config.json").unlink()
+    else:
+        (a / "config.json").write_text("[1]")
+    for argv in (["regress", str(a), "--against", str(b)], ["report", str(a)],
+                 ["leaderboard", "build", str(a), "--out", str(tmp_path / "site")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and str(a) in err, (argv, err)
+
+
+# ---------------------------------------------------------------- seeds from stable identities (case 8)
+
+def test_random_stage_change_depends_on_the_stage_names_not_their_weights(tiny, sentence_data):
+    from dataclasses import replace
+
+    from neuronbench.baselines.chance import RandomMethod
+    from neuronbench.harness.method import MethodContext
+
+    a, b = tiny("gpt2", seed=0), tiny("gpt2", seed=1)
+    assert a.fingerprint() != b.fingerprint()
+    same_names = replace(b, name=a.name, _fingerprint=None)
+
+    def change(model, parent):
+        ctx = MethodContext(model, model.sites("ffn"), sentence_data, "d", seed=3, parent=parent)
+        return RandomMethod().stage_change(ctx)
+
+    assert change(a, a) == change(same_names, same_names)  # retrained weights, same stages: same draw
+    assert change(a, replace(a, name="other-stage")) != change(a, a)
