@@ -69,6 +69,7 @@ def check_output_dir(final: Path, kind: str, legacy: Callable[[Path], bool] | No
     try:
         mode = os.lstat(final).st_mode
     except FileNotFoundError:
+        _check_writable(final)
         return
     if not stat.S_ISDIR(mode):
         raise ValueError(f"cannot write {final}: it exists and is not a folder; choose another --out")
@@ -81,6 +82,17 @@ def check_output_dir(final: Path, kind: str, legacy: Callable[[Path], bool] | No
     what = f"a NeuronBench {found} folder" if found else "a folder NeuronBench did not write"
     raise ValueError(f"refusing to replace {final}: it is {what}, not a {kind} output, and everything in it "
                      "would be deleted; choose a new or empty folder for --out")
+
+
+def _check_writable(final: Path) -> None:
+    # A folder made and removed in the nearest existing ancestor: a real test (permission bits say
+    # nothing about /proc, read-only mounts or a full quota).
+    ancestor = next(p for p in final.parents if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tmp-probe-", dir=ancestor))
+    except OSError as err:
+        raise ValueError(f"cannot write {final}: {err.strerror or err} in {ancestor}; choose a folder you can "
+                         "write to") from None
 
 
 def _tmp_prefix(name: str) -> str:

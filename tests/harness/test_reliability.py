@@ -312,3 +312,60 @@ def test_random_stage_change_depends_on_the_stage_names_not_their_weights(tiny, 
 
     assert change(a, a) == change(same_names, same_names)  # retrained weights, same stages: same draw
     assert change(a, replace(a, name="other-stage")) != change(a, a)
+
+
+# ---------------------------------------------------------------- unclear messages
+
+def _collect(model_folder: Path, data: Path, *extra: str) -> list[str]:
+    return ["collect", "--model", str(model_folder), "--data", str(data), "--sites", "ffn.0", *extra]
+
+
+def test_a_data_file_without_a_text_column_names_the_flag_that_fixes_it(model_folder, tmp_path, capsys):
+    data = tmp_path / "d.csv"
+    data.write_text("sentence,label\na good film,1\na bad film,0\nfine,1\nawful,0\n")
+    assert main(_collect(model_folder, data)) == 2
+    err = capsys.readouterr().err
+    assert "--text-column" in err and "text_column=" not in err.replace("(text_column= in Python)", "")
+    assert main(_collect(model_folder, data, "--text-column", "sentence")) == 0
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe" + "text\nhello\n".encode("utf-16-le"), bytes(range(256)) * 3])
+def test_binary_and_utf16_data_files_are_named(model_folder, tmp_path, capsys, content):
+    data = tmp_path / "d.csv"
+    data.write_bytes(content)
+    assert main(_collect(model_folder, data)) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and "UTF-8" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag", ["--limit", "--topk", "--max-tokens"])
+def test_zero_or_negative_counts_are_refused_not_read_as_no_limit(capsys, flag):
+    with pytest.raises(SystemExit) as exit_:
+        main(["collect", flag, "0"])
+    assert exit_.value.code == 2 and "not above 0" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_named_not_its_temporary_folder(model_folder, tmp_path, capsys):
+    data = tmp_path / "d.csv"
+    data.write_text("text\nhello there\nhow are you\nfine thanks\n")
+    assert main(_collect(model_folder, data, "--out", "/proc/nb-x")) == 2
+    err = capsys.readouterr().err
+    assert "/proc/nb-x" in err and ".tmp-" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content", ["my secret seed 123", None])
+def test_a_bad_hidden_seed_file_is_refused_without_echoing_it(tmp_path, capsys, content):
+    from neuronbench.harness.task import read_hidden_seed
+
+    path = tmp_path / "seed"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError) as err:
+        read_hidden_seed(str(path))
+    assert str(path) in str(err.value) and "secret" not in str(err.value).replace("the secret seed", "")
+    assert main(["submit", "score", str(tmp_path), "--split", "hidden", "--hidden-seed-file", str(path),
+                 "--out", str(tmp_path / "scored")]) == 2
+    out = capsys.readouterr()
+    assert "my secret seed" not in out.err + out.out and "Traceback" not in out.err
