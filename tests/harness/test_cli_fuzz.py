@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neuronbench.harness import runner
+from neuronbench.harness.suite import runner
 from neuronbench.harness.cli import main
-from neuronbench.harness.records import Record, save_results, to_frame
-from neuronbench.harness.tiny import tiny_model
+from neuronbench.harness.engine.records import Record, save_results, to_frame
+from neuronbench.harness.zoo.tiny import tiny_model
 
 CASES = int(os.environ.get("NEURONBENCH_FUZZ_CASES", 150))
 FUZZ = settings(max_examples=CASES, deadline=None, database=None,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from neuronbench.harness import paths
+from neuronbench.harness.engine import paths
 from neuronbench.harness.cli import main
 
 
@@ -81,9 +81,9 @@ def test_tmp_folders_of_dead_writers_are_cleaned_up_and_live_ones_kept(tmp_path)
 
 
 def test_a_killed_cache_writer_leaves_a_tmp_folder_the_next_start_removes(tmp_path):
-    from neuronbench.harness.cache import Cache
+    from neuronbench.harness.engine.cache import Cache
 
-    script = ("import os, sys; from pathlib import Path; from neuronbench.harness.cache import Cache\n"
+    script = ("import os, sys; from pathlib import Path; from neuronbench.harness.engine.cache import Cache\n"
               "def write(folder):\n    (folder / 'x.bin').write_bytes(b'x')\n    os._exit(9)\n"
               "Cache(Path(sys.argv[1])).put('k1', write)\n")
     assert subprocess.run([sys.executable, "-c", script, str(tmp_path)]).returncode == 9
@@ -94,7 +94,7 @@ def test_a_killed_cache_writer_leaves_a_tmp_folder_the_next_start_removes(tmp_pa
 
 @pytest.mark.parametrize("bad", ["file", "under-file", "long-name"])
 def test_bad_out_paths_fail_before_any_work_with_one_line(tmp_path, capsys, monkeypatch, bad):
-    from neuronbench.harness import runner
+    from neuronbench.harness.suite import runner
 
     monkeypatch.setattr(runner, "run_one", lambda *a, **k: pytest.fail("work started before --out was checked"))
     (tmp_path / "f").write_text("x")
@@ -151,7 +151,7 @@ def user_methods(tmp_path, monkeypatch):
 
 
 def _records(folder: Path, methods=None):
-    from neuronbench.harness.records import load_results
+    from neuronbench.harness.engine.records import load_results
 
     frame, _ = load_results(folder)
     frame = frame.filter(frame["method"].is_in(methods)) if methods else frame
@@ -196,7 +196,7 @@ def test_a_killed_run_resumes_to_the_records_of_an_uninterrupted_one(tmp_path, u
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
-    from neuronbench.harness.tiny import tiny_model
+    from neuronbench.harness.zoo.tiny import tiny_model
 
     folder = tmp_path_factory.mktemp("model") / "tiny-bert"
     loaded = tiny_model("bert")
@@ -214,7 +214,7 @@ def _copy(folder: Path, dest: Path, keep=lambda name: True) -> Path:
 
 
 def test_a_model_folder_without_tokenizer_files_is_refused_naming_them(model_folder, tmp_path):
-    from neuronbench.harness.models import TOKENIZER_FILES, load_model
+    from neuronbench.harness.engine.models import TOKENIZER_FILES, load_model
 
     assert load_model(str(model_folder), device="cpu").tokenizer is not None
     bare = _copy(model_folder, tmp_path / "bare", lambda name: name not in TOKENIZER_FILES)
@@ -245,7 +245,7 @@ def test_a_damaged_model_folder_gives_one_line_naming_it(model_folder, tmp_path,
 def _results(folder: Path, run_id: str, value: float) -> Path:
     import polars as pl
 
-    from neuronbench.harness.records import Record, save_results, to_frame
+    from neuronbench.harness.engine.records import Record, save_results, to_frame
 
     frame = to_frame([Record("prune", 1, "m", "random", "prune.gap_auc", value, 0, "abc")], run_id)
     save_results(frame, {"run_id": run_id}, folder)
@@ -267,7 +267,7 @@ def test_results_and_config_of_two_runs_are_refused_by_every_reader(tmp_path, ca
 def test_records_changed_after_writing_are_refused(tmp_path):
     import polars as pl
 
-    from neuronbench.harness.records import load_results
+    from neuronbench.harness.engine.records import load_results
 
     a = _results(tmp_path / "a", "run-a", 0.1)
     pl.read_parquet(a / "results.parquet").with_columns(value=pl.lit(0.9)).write_parquet(a / "results.parquet")
@@ -300,7 +300,7 @@ def test_random_stage_change_depends_on_the_stage_names_not_their_weights(tiny, 
     from dataclasses import replace
 
     from neuronbench.baselines.chance import RandomMethod
-    from neuronbench.harness.method import MethodContext
+    from neuronbench.harness.engine.method import MethodContext
 
     a, b = tiny("gpt2", seed=0), tiny("gpt2", seed=1)
     assert a.fingerprint() != b.fingerprint()
@@ -355,7 +355,7 @@ def test_an_unwritable_out_is_named_not_its_temporary_folder(model_folder, tmp_p
 
 @pytest.mark.parametrize("content", ["my secret seed 123", None])
 def test_a_bad_hidden_seed_file_is_refused_without_echoing_it(tmp_path, capsys, content):
-    from neuronbench.harness.task import read_hidden_seed
+    from neuronbench.harness.suite.task import read_hidden_seed
 
     path = tmp_path / "seed"
     if content is None:

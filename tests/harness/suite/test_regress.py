@@ -100,7 +100,7 @@ def test_per_metric_tolerances_first_match_wins_else_the_default(runs, tmp_path,
 def test_the_golden_tolerances_file_is_valid():
     from pathlib import Path
 
-    from neuronbench.harness.regress import read_tolerances
+    from neuronbench.harness.suite.regress import read_tolerances
 
-    tolerances = dict(read_tolerances(Path(__file__).parents[1] / "golden" / "tolerances.json"))
+    tolerances = dict(read_tolerances(Path(__file__).parents[2] / "golden" / "tolerances.json"))
     assert set(tolerances) == {f"{t}.*" for t in TASKS.names()}
