@@ -164,10 +164,11 @@ def _run(args) -> int:
         from .suite.report import write_report
 
         print(f"report: {write_report(Path(config.out))}")
-    if record["errors"]:
-        for item, error in record["errors"].items():
+    errors = record.get("errors", {})
+    if errors:
+        for item, error in errors.items():
             print(f"neuronbench: error: {item} failed: {error}", file=sys.stderr)
-        print(f"neuronbench: {len(record['errors'])} of {len(record['seconds'])} items failed (tracebacks in "
+        print(f"neuronbench: {len(errors)} of {len(record['seconds'])} items failed (tracebacks in "
               f"{config.out}/errors.log); fix them and rerun those with `neuronbench run --resume {config.out}`",
               file=sys.stderr)
         return 1
