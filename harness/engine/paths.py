@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
 import time
@@ -19,8 +20,8 @@ from typing import Callable, Iterator
 log = logging.getLogger(__name__)
 
 MARKER = ".neuronbench"  # {"kind": ...}: written into every folder atomic_dir creates
-_TMP = re.compile(r"^\.tmp-.*-pid(\d+)-[^-]*$")
-_LEGACY_TMP_AGE_S = 24 * 3600  # a .tmp-* folder without a writer's pid (older versions)
+_TMP = re.compile(r"^\.tmp-.*-([A-Za-z0-9_]*)-pid(\d+)-[^-]*$")
+_FOREIGN_TMP_AGE_S = 24 * 3600  # a .tmp-* entry of another host (a shared home), or of an older version
 
 
 def home() -> Path:
@@ -95,8 +96,12 @@ def _check_writable(final: Path) -> None:
                          "write to") from None
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40]
+
+
 def _tmp_prefix(name: str) -> str:
-    return f".tmp-{name[:100]}-pid{os.getpid()}-"
+    return f".tmp-{name[:100]}-{_host()}-pid{os.getpid()}-"
 
 
 def _alive(pid: int) -> bool:
@@ -112,8 +117,9 @@ def _alive(pid: int) -> bool:
 def clean_stale_tmp(folder: Path) -> int:
     """Remove the `.tmp-*` entries of writers that died (killed mid-write) in `folder`; returns how many.
 
-    A writer names its temporary folder with its pid, so a live writer's folder is never touched;
-    one without a pid (older versions) goes once it is a day old.
+    A writer names its temporary folder with its host and pid, so a live writer's folder on this
+    host is never touched; one of another host (a home shared between machines, where this host
+    cannot see the writer) or without a pid (older versions) goes once it is a day old.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -124,7 +130,10 @@ def clean_stale_tmp(folder: Path) -> int:
             continue
         m = _TMP.match(p.name)
         try:
-            stale = not _alive(int(m.group(1))) if m else time.time() - p.stat().st_mtime > _LEGACY_TMP_AGE_S
+            if m and m.group(1) == _host():
+                stale = not _alive(int(m.group(2)))
+            else:
+                stale = time.time() - p.stat().st_mtime > _FOREIGN_TMP_AGE_S
         except OSError:
             continue  # removed meanwhile
         if stale:

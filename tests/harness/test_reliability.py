@@ -70,14 +70,18 @@ def test_atomic_dir_is_safe_under_concurrent_writers(tmp_path, keep_existing):
 
 def test_tmp_folders_of_dead_writers_are_cleaned_up_and_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_tmp = tmp_path / f".tmp-k1-pid{int(dead.stdout)}-abc"
-    live_tmp = tmp_path / f".tmp-k2-pid{os.getpid()}-abc"
+    host = paths._host()
+    dead_tmp = tmp_path / f".tmp-k1-{host}-pid{int(dead.stdout)}-abc"
+    live_tmp = tmp_path / f".tmp-k2-{host}-pid{os.getpid()}-abc"
+    other_host = tmp_path / f".tmp-k4-elsewhere-pid{int(dead.stdout)}-abc"  # its writer may be alive there
     old_style = tmp_path / ".tmp-k3-xyz"
-    for p in (dead_tmp, live_tmp, old_style):
+    for p in (dead_tmp, live_tmp, old_style, other_host):
         (p / "sub").mkdir(parents=True)
     os.utime(old_style, (0, 0))
     assert paths.clean_stale_tmp(tmp_path) == 2
-    assert [p.name for p in tmp_path.iterdir()] == [live_tmp.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_tmp.name, other_host.name])
+    os.utime(other_host, (0, 0))
+    assert paths.clean_stale_tmp(tmp_path) == 1
 
 
 def test_a_killed_cache_writer_leaves_a_tmp_folder_the_next_start_removes(tmp_path):
