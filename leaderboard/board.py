@@ -25,7 +25,7 @@ from neuronbench.harness.engine.records import RESULTS, SCHEMA
 from neuronbench.harness.suite.report import COLUMN_KEY, headline_cells, headline_of, methods_table, read_results
 from neuronbench.harness.suite.verdicts import sanity_flags
 
-from .submission import MANIFEST, strict_json, submission_id
+from .submission import MANIFEST, strict_json
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,10 @@ def _check_identity(folder: Path, frame: pl.DataFrame, config: dict, manifest: d
     if config.get("kind") != "submission":
         return
     expected = config.get("submission_id")
-    if manifest is not None:
-        try:
-            expected = submission_id(manifest)
-        except KeyError as err:
-            raise ValueError(f"{folder}/{MANIFEST} lacks {err}: score the submission again") from None
     names = set(frame["method"].unique().to_list())
-    if not isinstance(expected, str) or "/" not in expected or names - {expected}:
+    claimed = None if manifest is None else f"/{manifest.get('method')}@{manifest.get('method_version')}"
+    if (not isinstance(expected, str) or "/" not in expected or names - {expected}
+            or claimed is not None and not expected.endswith(claimed)):
         raise ValueError(f"{folder} is a scored submission whose records are named {sorted(map(str, names))}, "
                          f"not its namespaced id {expected!r} (submitter/method@version): score it again with "
                          "`neuronbench submit score`")

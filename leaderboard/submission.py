@@ -133,11 +133,17 @@ def strict_json(text: str) -> object:
     return json.loads(text, object_pairs_hook=pairs)
 
 
-def submission_id(man: dict) -> str:
-    """The name a submission's records and leaderboard rows carry: `submitter/method@version`
-    (submitter = the manifest's contact, else its first author). The `/` keeps every submission
-    apart from the baselines, whose names never hold one, and the submitter apart from others."""
-    submitter = man.get("contact") or (man.get("authors") or ["anonymous"])[0]
+def submission_id(man: dict, submitter: str | None = None) -> str:
+    """The name a submission's records and leaderboard rows carry: `submitter/method@version`.
+    The `/` keeps every submission apart from the baselines, whose names never hold one, and the
+    submitter apart from others.
+
+    Args:
+        man: the manifest.
+        submitter: who sent it, as the scorer knows them (`submit score --submitter`); default the
+            manifest's contact, else its first author (what the submitter claims).
+    """
+    submitter = submitter or man.get("contact") or (man.get("authors") or ["anonymous"])[0]
     clean = re.sub(r"[\s/]+", "-", str(submitter)).strip("-") or "anonymous"
     return f"{clean}/{man['method']}@{man['method_version']}"
 

@@ -231,6 +231,9 @@ def test_a_submission_never_shadows_a_baseline_and_a_renamed_one_is_refused(tmp_
     name = submission_id(read_manifest(submission))
     assert "/" in name and set(board.frame["method"]) == {"random", name}
     assert set(board.frame.filter(pl.col("method") == "random")["source"]) == {str(baseline)}
+    again = tmp_path / "scored-again"  # the scorer names the submitter
+    score_submission(ScoreConfig(str(submission), out=str(again), tasks=("ppl-trend",), submitter="Ada L."))
+    assert set(pl.read_parquet(again / "results.parquet")["method"]) == {"Ada-L./random@" + name.split("@")[1]}
     frame = pl.read_parquet(scored / "results.parquet").with_columns(method=pl.lit("random"))
     save_results(frame, json.loads((scored / "config.json").read_text()), scored)  # a doctored scored folder
     with pytest.raises(ValueError, match="namespaced id"):
