@@ -18,8 +18,10 @@ class RandomMethod(Method):
         return NeuronScores(index, torch.rand(index.size, generator=ctx.generator()))
 
     def stage_change(self, ctx: MethodContext) -> float:
-        stages = (ctx.parent.fingerprint() if ctx.parent else "", ctx.model.fingerprint())
-        return float(torch.rand(1, generator=ctx.generator(*stages)))  # a fresh draw per stage pair
+        # A fresh draw per stage pair, seeded by the stages' names (e.g. `ptb-lm@2`), never by their
+        # weights: the zoo trains its models on each machine, and one changed bit would redraw.
+        stages = (ctx.parent.name if ctx.parent else "", ctx.model.name)
+        return float(torch.rand(1, generator=ctx.generator(*stages)))
 
     def descriptors(self, ctx: MethodContext, vocabulary: tuple[str, ...]) -> dict[int, list[str]]:
         gen = ctx.generator()

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads slow shared cores 4-5x
@@ -35,12 +36,12 @@ def _models(args) -> int:
     return 0
 
 
-def _load_split(name: str, split: str, limit: int | None, seed: int):
+def _load_split(name: str, split: str, limit: int | None, seed: int, read: dict | None = None):
     from .engine.data import load, subsample
 
     import datasets
 
-    corpus = load(name, seed=seed)
+    corpus = load(name, seed=seed, **(read or {}))
     if split == "all":
         ds = datasets.concatenate_datasets([corpus.splits[s] for s in corpus.splits])
         ds = ds.select(sorted(range(len(ds)), key=ds["id"].__getitem__))
@@ -51,6 +52,14 @@ def _load_split(name: str, split: str, limit: int | None, seed: int):
     if limit:
         ds = subsample(ds, limit, seed)
     return corpus, ds
+
+
+def _read_options(args) -> dict:
+    """How to read a data file (--format, --text-column, --label-column), for `data.load`."""
+    out = {"format": args.format, "text_column": args.text_column, "label_column": args.label_column}
+    if out["label_column"] == "none":
+        out["label_column"] = None
+    return {k: v for k, v in out.items() if v != {"format": None, "text_column": "text", "label_column": "label"}[k]}
 
 
 def _summarise(col, model, seconds: float) -> None:
@@ -76,10 +85,12 @@ def _collect(args) -> int:
     from .engine.activations import collect_cached, save_collection
     from .engine.collect import CollectConfig
     from .engine.models import load_model
-    from .engine.paths import atomic_dir, atomic_write_json
+    from .engine.paths import atomic_dir, atomic_write_json, check_output_dir
 
+    if args.out:  # before any work, and never over a folder that is not an earlier collection
+        check_output_dir(Path(args.out), COLLECTION, _is_collection)
     model = load_model(args.model)  # errors on a bad model before anything is written
-    corpus, ds = _load_split(args.data, args.split, args.limit, args.seed)
+    corpus, ds = _load_split(args.data, args.split, args.limit, args.seed, _read_options(args))
     cfg = CollectConfig(sites=model.sites(args.sites), stats=tuple(args.stats.split(",")),
                         max_tokens=args.max_tokens, alignment=args.alignment, topk=args.topk)
     start = time.perf_counter()
@@ -90,13 +101,22 @@ def _collect(args) -> int:
     _summarise(col, model, seconds)
     if args.out:
         out = Path(args.out)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, COLLECTION, legacy=_is_collection) as tmp:
             meta = save_collection(col, tmp)
             meta.update(model=args.model, model_fingerprint=model.fingerprint(), data=corpus.split_record(),
                         split=args.split, config=cfg.record(), seed=args.seed, versions=_versions())
             atomic_write_json(tmp / "meta.json", meta)
         print(f"wrote {out}/")
     return 0
+
+
+COLLECTION = "collection"
+
+
+def _is_collection(folder: Path) -> bool:
+    # A `collect --out` folder written before folders were stamped (see paths.atomic_dir).
+    return {p.name for p in folder.iterdir()} <= {"meta.json", "stats.safetensors"} | {
+        p.name for p in folder.glob("*.npy")} and (folder / "meta.json").is_file()
 
 
 def _versions() -> dict:
@@ -110,7 +130,7 @@ def _bench(args) -> int:
     from .engine.models import load_model
 
     model = load_model(args.model)
-    _, ds = _load_split(args.data, args.split, args.limit, args.seed)
+    _, ds = _load_split(args.data, args.split, args.limit, args.seed, _read_options(args))
     result = bench_collect(model, ds, BenchConfig(sites=args.sites, repeats=args.repeats,
                                                   batch1_examples=args.batch1_examples,
                                                   max_tokens=args.max_tokens))
@@ -125,19 +145,31 @@ def _bench(args) -> int:
 
 def _run(args) -> int:
     from .suite.report import text_table
-    from .suite.runner import RunConfig, run_suite, summary
+    from .suite.runner import RunConfig, check_run_out, resume_config, run_suite, summary
 
-    config = RunConfig(tasks=tuple(args.tasks or ()), methods=tuple(args.methods or ()), model=args.model,
-                       quick=args.quick, seed=args.seed, out=args.out)
+    if args.resume:
+        config = resume_config(Path(args.resume))
+    else:
+        config = RunConfig(tasks=tuple(args.tasks or ()), methods=tuple(args.methods or ()), model=args.model,
+                           quick=args.quick, seed=args.seed, out=args.out, item_timeout=args.item_timeout)
+        check_run_out(Path(config.out))
     start = time.perf_counter()
-    frame, _ = run_suite(config)
+    frame, record = run_suite(config, resume=bool(args.resume))
     print(text_table(summary(frame)))
-    print(f"{len(frame)} records in {time.perf_counter() - start:.0f} s; written to {args.out}/"
+    print(f"{len(frame)} records in {time.perf_counter() - start:.0f} s; written to {config.out}/"
           f"{{results.parquet,config.json}}")
     if not args.no_report:
         from .suite.report import write_report
 
-        print(f"report: {write_report(Path(args.out))}")
+        print(f"report: {write_report(Path(config.out))}")
+    errors = record.get("errors", {})
+    if errors:
+        for item, error in errors.items():
+            print(f"neuronbench: error: {item} failed: {error}", file=sys.stderr)
+        print(f"neuronbench: {len(errors)} of {len(record['seconds'])} items failed (tracebacks in "
+              f"{config.out}/errors.log); fix them and rerun those with `neuronbench run --resume {config.out}`",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -164,7 +196,7 @@ def _explain(args) -> int:
 
     method = get_method(args.method)
     model = load_model(args.model)
-    corpus, ds = _load_split(args.data, args.split, args.limit, args.seed)
+    corpus, ds = _load_split(args.data, args.split, args.limit, args.seed, _read_options(args))
     parent = load_model(args.parent) if args.parent else None
     ctx = MethodContext(model, model.sites(args.sites), ds, f"{corpus.fingerprint}:{args.split}:{args.limit}",
                         seed=args.seed, label_names=corpus.label_names, parent=parent)
@@ -207,9 +239,37 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="minilm", help="alias, hub id or local folder (default: minilm)")
     p.add_argument("--data", default="polarity", help="dataset name (ptb, wsj-pos, polarity) or a file path")
     p.add_argument("--split", default="all", help="train, dev, test or all (default: all)")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many examples")
-    p.add_argument("--seed", type=int, default=0, help="split and subsample seed")
+    p.add_argument("--limit", type=positive_int, default=None, help="use at most this many examples")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="split and subsample seed")
     p.add_argument("--sites", default="ffn", help="ffn, resid, all, or e.g. ffn.0,resid.3")
+    p.add_argument("--format", help="how to read a data file: csv, json, tagged or text (default: from its suffix)")
+    p.add_argument("--text-column", default="text", help="a csv/json data file's text column (default: text)")
+    p.add_argument("--label-column", default="label",
+                   help="a csv/json data file's label column (default: label; none: unlabelled)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer above 0."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number above 0")
+    return value
 
 
 def _add_engine_parsers(sub) -> None:
@@ -223,18 +283,18 @@ def _add_engine_parsers(sub) -> None:
     p = sub.add_parser("collect", help="collect streaming neuron statistics (cached)")
     _add_data_args(p)
     p.add_argument("--stats", default="moments,max1,topk,labels", help="comma list of statistics")
-    p.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
+    p.add_argument("--max-tokens", type=positive_int, default=4096, help="padded tokens per batch")
     p.add_argument("--alignment", default="last", choices=("first", "last", "mean"))
-    p.add_argument("--topk", type=int, default=10, help="top activating examples kept per neuron")
+    p.add_argument("--topk", type=positive_int, default=10, help="top activating examples kept per neuron")
     p.add_argument("--out", help="folder to write the statistics to")
     p.set_defaults(fn=_collect)
     p = sub.add_parser("bench", help="speed benchmarks")
     bsub = p.add_subparsers(dest="what", required=True)
     b = bsub.add_parser("collect", help="collector vs bare forward vs a batch-1 loop")
     _add_data_args(b)
-    b.add_argument("--repeats", type=int, default=2)
-    b.add_argument("--batch1-examples", type=int, default=400)
-    b.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
+    b.add_argument("--repeats", type=positive_int, default=2)
+    b.add_argument("--batch1-examples", type=positive_int, default=400)
+    b.add_argument("--max-tokens", type=positive_int, default=4096, help="padded tokens per batch")
     b.add_argument("--json", action="store_true", help="print JSON")
     b.set_defaults(fn=_bench)
 
@@ -249,9 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", help="method names or path.to.module:Class (default: all baselines)")
     p.add_argument("--model", help="run the tasks on this model instead of their own")
     p.add_argument("--quick", action="store_true", help="tiny models, fewer k, seeds and examples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default="results/latest", help="folder for results.parquet and config.json")
     p.add_argument("--no-report", action="store_true", help="do not write report.html into --out")
+    p.add_argument("--item-timeout", type=positive_float, metavar="SECONDS",
+                   help="record a (task, method) item that takes longer as an error and go on")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the killed or failed run in DIR with its own settings (other options ignored)")
     p.set_defaults(fn=_run)
     p = sub.add_parser("methods", help="list the registered methods and their verbs")
     p.set_defaults(fn=_methods)
@@ -261,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help="a baseline name or path.to.module:Class")
     p.add_argument("--verb", default="relevance", choices=("relevance", "stage_change"))
     p.add_argument("--parent", help="the earlier model stage (for stage_change or stage-based relevance)")
-    p.add_argument("--show", type=int, default=10, help="top neurons to print")
+    p.add_argument("--show", type=positive_int, default=10, help="top neurons to print")
     p.add_argument("--out", help="CSV file for the per-neuron scores")
     p.set_defaults(fn=_explain)
     from .suite.regress import add_regress_parser
@@ -284,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (2: an error, reported in one line; -v: traceback)."""
     args = build_parser().parse_args(argv)
     import datasets
     import transformers
@@ -296,10 +361,31 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except BrokenPipeError:  # output piped into head & co.
         return 0
-    except (ValueError, KeyError, FileNotFoundError, IndexError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"neuronbench: error: {msg}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("neuronbench: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - no traceback reaches a user without -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"neuronbench: error: {error_line(err)}", file=sys.stderr)
         return 2
+
+
+# Errors whose message is written for users (the library raises them with the fix); any other class
+# is named, with a pointer to -v, since its message was written for programmers.
+_USER_ERRORS = (ValueError, KeyError, FileNotFoundError, IndexError)
+
+
+def error_line(err: BaseException) -> str:
+    """One line for `err`: its message (the first line), prefixed by its class unless it is a user error."""
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    if isinstance(err, OSError) and err.filename and not isinstance(err, FileNotFoundError):
+        msg = f"{err.filename}: {err.strerror or err}"
+    lines = str(msg).strip().splitlines() or ["(no message)"]
+    line = lines[0] if len(lines) == 1 else f"{lines[0]} ..."
+    if isinstance(err, _USER_ERRORS) and not isinstance(err, UnicodeError):
+        return line
+    return f"{type(err).__name__}: {line} (run with -v for the traceback)"
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from neuronbench.harness.engine.records import RESULTS, SCHEMA
 from neuronbench.harness.suite.report import COLUMN_KEY, headline_cells, headline_of, methods_table, read_results
 from neuronbench.harness.suite.verdicts import sanity_flags
 
-from .submission import MANIFEST
+from .submission import MANIFEST, strict_json
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,27 @@ def load_runs(folders: list[Path]) -> tuple[list[pl.DataFrame], list[Run]]:
         frame, config = read_results(folder)
         created = _created(folder, config)
         manifest = _manifest(folder / MANIFEST)
+        _check_identity(folder, frame, config, manifest)
         loaded.append((created, position, Run(folder, config, created, manifest), frame))
     loaded.sort(key=lambda item: item[:2])  # oldest first; equal times keep the command-line order
     frames = [_complete(f).with_columns(source=pl.lit(str(run.folder)), run_order=pl.lit(i))
               for i, (_, _, run, f) in enumerate(loaded)]
     return frames, [run for _, _, run, _ in loaded]
+
+
+def _check_identity(folder: Path, frame: pl.DataFrame, config: dict, manifest: dict | None) -> None:
+    """A scored submission's records all carry its namespaced id (`submission_id`), so that no
+    submission can take a baseline's or another submitter's rows."""
+    if config.get("kind") != "submission":
+        return
+    expected = config.get("submission_id")
+    names = set(frame["method"].unique().to_list())
+    claimed = None if manifest is None else f"/{manifest.get('method')}@{manifest.get('method_version')}"
+    if (not isinstance(expected, str) or "/" not in expected or names - {expected}
+            or claimed is not None and not expected.endswith(claimed)):
+        raise ValueError(f"{folder} is a scored submission whose records are named {sorted(map(str, names))}, "
+                         f"not its namespaced id {expected!r} (submitter/method@version): score it again with "
+                         "`neuronbench submit score`")
 
 
 def _complete(frame: pl.DataFrame) -> pl.DataFrame:
@@ -74,8 +90,8 @@ def _manifest(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        manifest = strict_json(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}): fix or remove it") from None
     if not isinstance(manifest, dict):
         raise ValueError(f"{path} holds a {type(manifest).__name__}, not an object: fix or remove it")
@@ -312,10 +328,7 @@ def write_site(board: Board, out: Path) -> Path:
         ValueError: `out` exists, is not empty and is not a site this command built.
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / DATA).is_file():
-        raise ValueError(f"{out} exists and is not a leaderboard site (no {DATA}); it would be replaced: "
-                         "pass an empty or new folder to --out")
-    with paths.atomic_dir(out) as tmp:
+    with paths.atomic_dir(out, "leaderboard site", legacy=lambda f: (f / DATA).is_file()) as tmp:
         (tmp / INDEX).write_text(index_page(board), encoding="utf-8")
         (tmp / DATA).write_text(json.dumps(board_json(board), indent=2, default=str) + "\n", encoding="utf-8")
         (tmp / METHODS_DIR).mkdir()

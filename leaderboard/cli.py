@@ -43,7 +43,8 @@ def _score(args) -> int:
     from .score import InvalidSubmission, ScoreConfig, score_submission
 
     hidden_seed = read_hidden_seed(args.hidden_seed_file) if args.split == "hidden" else None
-    config = ScoreConfig(submission=args.folder, out=args.out, split=args.split, tasks=tuple(args.tasks or ()))
+    config = ScoreConfig(submission=args.folder, out=args.out, split=args.split, tasks=tuple(args.tasks or ()),
+                         submitter=args.submitter)
     try:
         frame, _ = score_submission(config, hidden_seed=hidden_seed, progress=True)
     except InvalidSubmission as err:
@@ -80,5 +81,6 @@ def add_submit_parser(sub) -> None:
     s.add_argument("--split", choices=("public", "hidden"), default="public")
     s.add_argument("--hidden-seed-file", help="file holding the scorer's secret seed (else $NEURONBENCH_HIDDEN_SEED)")
     s.add_argument("--tasks", nargs="+", help="a subset of the submission's tasks")
+    s.add_argument("--submitter", help="who sent it (names its rows SUBMITTER/method@version; default: its contact)")
     s.add_argument("--out", required=True, help="folder for results.parquet, config.json and submission.json")
     s.set_defaults(fn=_score)

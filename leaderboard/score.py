@@ -18,7 +18,7 @@ from neuronbench.harness.suite.task import TASKS, RunEnv
 
 from .checks import Problem
 from .replay import Replay
-from .submission import MANIFEST, file_name, read_frame, read_manifest
+from .submission import MANIFEST, file_name, read_frame, read_manifest, submission_id
 from .validate import validate
 
 
@@ -50,12 +50,15 @@ class ScoreConfig:
         split: `public` (the examples fixed by each spec) or `hidden` (drawn with the scorer's
             secret seed, passed to `score_submission` and never written anywhere).
         tasks: a subset of the submission's tasks (empty = all of them).
+        submitter: who sent the submission, as the scorer knows them; names its rows
+            `submitter/method@version` (default: the manifest's contact; see `submission_id`).
     """
 
     submission: str
     out: str | None = None
     split: str = "public"
     tasks: tuple[str, ...] = ()
+    submitter: str | None = None
 
 
 def score_submission(config: ScoreConfig, hidden_seed: int | None = None,
@@ -82,9 +85,10 @@ def score_submission(config: ScoreConfig, hidden_seed: int | None = None,
     if unknown:
         raise KeyError(f"tasks {unknown} are not in the submission; it covers {', '.join(man['tasks'])}")
     env = replace(env, seed=man["seed"], quick=man["quick"])
-    records, seconds, specs = _replay_tasks(folder, man, names, env, progress)
+    records, seconds, specs = _replay_tasks(folder, man, submission_id(man, config.submitter), names, env, progress)
     run_id = uuid.uuid4().hex[:12]
-    record_config = {"run_id": run_id, "created": utc_stamp(), "kind": "submission", "method": man["method"], "split": config.split,
+    record_config = {"run_id": run_id, "created": utc_stamp(), "kind": "submission", "method": man["method"],
+                     "submission_id": submission_id(man, config.submitter), "split": config.split,
                      "seed": man["seed"], "quick": man["quick"], "submission_sha256": hashlib.sha256(raw).hexdigest(),
                      "tasks": {n: asdict(s) for n, s in specs.items()},
                      "fingerprints": {n: s.fingerprint() for n, s in specs.items()}, "seconds": seconds}
@@ -95,13 +99,13 @@ def score_submission(config: ScoreConfig, hidden_seed: int | None = None,
     return frame, record_config
 
 
-def _replay_tasks(folder: Path, man: dict, names: list[str], env: RunEnv, progress: bool):
+def _replay_tasks(folder: Path, man: dict, name_as: str, names: list[str], env: RunEnv, progress: bool):
     """Each task's scoring function with a `Replay` of its file: records, seconds and specs."""
     records, seconds, specs = [], {}, {}
     for name in names:
         task = TASKS.get(name)
         specs[name] = spec = resolve_spec(task, RunConfig(quick=man["quick"]))
-        replay = Replay(man["method"], spec.verb, read_frame(folder / file_name(name)), file_name(name))
+        replay = Replay(name_as, spec.verb, read_frame(folder / file_name(name)), file_name(name))
         got, seconds[name] = timed_run(task, spec, replay, env,
                                        f"[score {name}] {replay.name} ({env.split}) ..." if progress else None)
         records.extend(got)

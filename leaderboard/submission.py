@@ -108,7 +108,7 @@ def write_submission(folder: Path, man: dict, frames: dict[str, pl.DataFrame]) -
     folder = Path(folder)
     if folder.exists():
         raise ValueError(f"{folder} already exists; remove it or pass another --out")
-    with paths.atomic_dir(folder) as tmp:
+    with paths.atomic_dir(folder, "submission") as tmp:
         for task, frame in frames.items():
             frame.write_parquet(tmp / file_name(task))
         (tmp / MANIFEST).write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
@@ -117,7 +117,35 @@ def write_submission(folder: Path, man: dict, frames: dict[str, pl.DataFrame]) -
 
 def read_manifest(folder: Path) -> dict:
     """The parsed `submission.json` of `folder` (unchecked: run `validate` first)."""
-    return json.loads((Path(folder) / MANIFEST).read_text())
+    return strict_json((Path(folder) / MANIFEST).read_bytes().decode("utf-8"))
+
+
+def strict_json(text: str) -> object:
+    """`json.loads`, refusing an object with a duplicate key (the parser would keep the last one
+    silently, so a reader and a checker could see different values)."""
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        keys = [k for k, _ in items]
+        duplicated = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicated:
+            raise ValueError(f"duplicate key(s) {', '.join(map(repr, duplicated))} in one JSON object")
+        return dict(items)
+
+    return json.loads(text, object_pairs_hook=pairs)
+
+
+def submission_id(man: dict, submitter: str | None = None) -> str:
+    """The name a submission's records and leaderboard rows carry: `submitter/method@version`.
+    The `/` keeps every submission apart from the baselines, whose names never hold one, and the
+    submitter apart from others.
+
+    Args:
+        man: the manifest.
+        submitter: who sent it, as the scorer knows them (`submit score --submitter`); default the
+            manifest's contact, else its first author (what the submitter claims).
+    """
+    submitter = submitter or man.get("contact") or (man.get("authors") or ["anonymous"])[0]
+    clean = re.sub(r"[\s/]+", "-", str(submitter)).strip("-") or "anonymous"
+    return f"{clean}/{man['method']}@{man['method_version']}"
 
 
 class TooLarge(ValueError):

@@ -12,6 +12,7 @@ from pathlib import Path
 from polars.exceptions import PanicException
 
 from neuronbench.harness import __version__
+from neuronbench.harness.engine import paths
 from neuronbench.harness.suite.runner import RunConfig, resolve_spec
 from neuronbench.harness.suite.task import TASKS, TaskSpec
 
@@ -19,7 +20,7 @@ from .checks import NULL, Problem, check_columns, check_rows, check_values
 from .facts import task_facts
 from .submission import (FORMAT_VERSION, MANIFEST, MANIFEST_FIELDS, MAX_FILE_BYTES, MAX_MANIFEST_BYTES, MAX_ROWS,
                          MAX_TOTAL_BYTES, NAME_PATTERN, TASK_FIELDS, TooLarge, file_name, parquet_layout, read_frame,
-                         task_entry)
+                         strict_json, task_entry)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def _validate(folder: Path) -> list[Problem]:
     specs = check_manifest(man, out)
     tasks = man.get("tasks") if isinstance(man.get("tasks"), dict) else {}
     expected = {file_name(t) for t in tasks if isinstance(t, str) and _plain(t)}
-    for name in sorted(set(files) - expected - {MANIFEST}):
+    for name in sorted(set(files) - expected - {MANIFEST, paths.MARKER}):  # the marker: `export` wrote it
         out.append(Problem(name, "unexpected file: a submission holds submission.json and one <task>.parquet "
                                  "per task in its manifest, nothing else"))
     if sum(files.values()) > MAX_TOTAL_BYTES:
@@ -98,7 +99,7 @@ def _read_manifest(path: Path, out: list[Problem]) -> dict | None:
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         return None
     try:
-        man = json.loads(path.read_bytes().decode("utf-8"))
+        man = strict_json(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         out.append(Problem(MANIFEST, f"not valid UTF-8 JSON: {str(err)[:200]}"))
         return None

@@ -9,4 +9,6 @@ trap 'rm -rf "$out"' EXIT
 start=$SECONDS
 neuronbench run --quick --out "$out/quick"
 echo "quick suite: $((SECONDS - start)) s"
-neuronbench regress "$out/quick" --against tests/golden/quick-suite --scope all --tolerance 1e-4 "$@"
+# Per-task tolerances: how far a zoo rebuilt on another machine moves the quick suite (README, Regression testing).
+neuronbench regress "$out/quick" --against tests/golden/quick-suite --scope all --tolerance 1e-4 \
+    --tolerances tests/golden/tolerances.json "$@"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .cache import Cache, data_fingerprint
@@ -103,4 +104,9 @@ def collect_cached(model: LoadedModel, dataset, cfg: CollectConfig, *, data_id: 
     entry, hit = cache.get_or_put(parts, write)
     if hit:
         log.info("cache hit %s for %s", entry.key, model.name)
+        try:
+            return load_collection(entry.path, model.device), hit
+        except (OSError, ValueError, KeyError, SafetensorError) as err:  # hash-verified, yet unreadable
+            cache.remove(entry.key, f"{type(err).__name__}: {err}")
+            entry, hit = cache.get_or_put(parts, write)
     return load_collection(entry.path, model.device), hit

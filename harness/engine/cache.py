@@ -2,8 +2,8 @@
 
 An entry is a folder named by the hash of everything that determines its content (model weights or
 revision, tokenizer, data fingerprint, sites, alignment, statistics, harness version). It is written
-in a temporary folder and renamed when complete, and `meta.json` lists every file with its size, so
-a killed run or a damaged file never passes for a complete entry.
+in a temporary folder and renamed when complete, and `meta.json` lists every file with its size and
+SHA-256, checked on every read, so a killed run or a damaged file never passes for a complete entry.
 """
 from __future__ import annotations
 
@@ -41,6 +41,12 @@ def data_fingerprint(dataset) -> str:
     return h.hexdigest()[:16]
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in chunks."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 @dataclass(frozen=True)
 class Entry:
     key: str
@@ -61,6 +67,7 @@ class Cache:
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else paths.cache_dir()
+        paths.clean_stale_tmp(self.root)  # what killed writers left
 
     def key(self, parts: dict) -> str:
         return content_hash({**parts, "harness_version": __version__})
@@ -72,8 +79,7 @@ class Cache:
             return None
         problem = self._verify(folder)
         if problem:
-            log.warning("cache entry %s is damaged (%s); removing it so it is rebuilt", key, problem)
-            shutil.rmtree(folder, ignore_errors=True)
+            self.remove(key, problem)
             return None
         return Entry(key, folder, json.loads((folder / META).read_text()))
 
@@ -83,21 +89,33 @@ class Cache:
             meta = json.loads((folder / META).read_text())
         except (OSError, ValueError) as err:
             return f"unreadable {META}: {err}"
-        for f in meta.get("files", []):
+        if not isinstance(meta, dict) or not isinstance(meta.get("files"), list):
+            return f"{META} is not an entry description"
+        for f in meta["files"]:
+            if not isinstance(f, dict) or not isinstance(f.get("name"), str) or "sha256" not in f:
+                return f"{META} lists a file without name and sha256 (written by an older version)"
             p = folder / f["name"]
             if not p.is_file():
                 return f"missing file {f['name']}"
-            if p.stat().st_size != f["bytes"]:
-                return f"file {f['name']} has {p.stat().st_size} bytes, expected {f['bytes']}"
+            if p.stat().st_size != f.get("bytes"):
+                return f"file {f['name']} has {p.stat().st_size} bytes, expected {f.get('bytes')}"
+            if file_sha256(p) != f["sha256"]:
+                return f"file {f['name']} does not match the content hash written with it"
         return None
+
+    def remove(self, key: str, problem: str) -> None:
+        """Remove a damaged entry so that it is rebuilt (`problem` says what was wrong)."""
+        log.warning("cache entry %s is damaged (%s); removing it so it is rebuilt", key, problem)
+        shutil.rmtree(self.root / key, ignore_errors=True)
 
     def put(self, key: str, write: Callable[[Path], dict], parts: dict | None = None) -> Entry:
         """Create the entry for `key` by calling `write(tmp_folder) -> meta` then renaming atomically."""
-        with paths.atomic_dir(self.root / key) as tmp:
+        with paths.atomic_dir(self.root / key, "cache entry", keep_existing=True,
+                              legacy=lambda f: (f / META).is_file()) as tmp:
             meta = dict(write(tmp))
             meta.update(key=key, created=time.strftime("%Y-%m-%dT%H:%M:%S"), harness_version=__version__,
                         parts=parts or {},
-                        files=[{"name": p.name, "bytes": p.stat().st_size}
+                        files=[{"name": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
                                for p in sorted(tmp.iterdir()) if p.name != META])
             paths.atomic_write_json(tmp / META, meta)
         return Entry(key, self.root / key, meta)
@@ -111,16 +129,21 @@ class Cache:
         return self.put(key, write, parts), False
 
     def entries(self) -> list[Entry]:
-        """Complete entries (temporary folders of killed runs are not listed)."""
+        """Entries whose `meta.json` describes them (temporary folders of killed runs and folders
+        with unreadable metadata are not listed; `get` verifies an entry's content)."""
         if not self.root.is_dir():
             return []
         out = []
         for folder in sorted(self.root.iterdir()):
             if folder.is_dir() and not folder.name.startswith(".tmp-") and (folder / META).is_file():
                 try:
-                    out.append(Entry(folder.name, folder, json.loads((folder / META).read_text())))
-                except ValueError:
+                    meta = json.loads((folder / META).read_text())
+                except (OSError, ValueError):
                     continue
+                files = meta.get("files") if isinstance(meta, dict) else None
+                if isinstance(files, list) and all(isinstance(f, dict) and isinstance(f.get("bytes"), int)
+                                                   for f in files):
+                    out.append(Entry(folder.name, folder, meta))
         return out
 
     def clear(self) -> int:

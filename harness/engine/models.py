@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from . import catalogue
@@ -262,9 +263,14 @@ def _load_config(name: str, source: str, revision: str | None):
             raise FileNotFoundError(
                 f"folder {path} is not a Hugging Face model folder (no config.json); point at the "
                 "folder that save_pretrained wrote, or use an alias from `neuronbench models`")
-    try:
-        if path.exists():
+    if path.exists():
+        try:
             return AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read the model folder {path}: {type(err).__name__}: {_first_line(err)}. "
+                             "Its config.json must be one that this transformers version knows (a supported "
+                             "model_type); update transformers or write the folder again") from None
+    try:
         try:  # the local HF cache first: no network wait for models already downloaded
             return AutoConfig.from_pretrained(source, revision=revision, local_files_only=True)
         except OSError:
@@ -303,11 +309,47 @@ def load_model(name: str, kind: str = "auto", device: str | torch.device | None 
         raise ValueError(f"model {name!r} has architecture {config.model_type!r}, which NeuronBench "
                          f"cannot hook; supported: {', '.join(sorted(ARCHS))}")
     kind, auto = _auto_class(kind, config)
-    model = auto.from_pretrained(source, revision=revision).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    try:
+        model = auto.from_pretrained(source, revision=revision).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise ValueError(f"cannot load model {name!r} from {source}: {type(err).__name__}: "
+                         f"{_first_line(err)}. A model folder needs what save_pretrained writes (config.json, "
+                         "complete weights, tokenizer files); write it again or use another model") from None
+    check_tokenizer(tokenizer, model, name, source)
     loaded = LoadedModel(model, prepare_tokenizer(tokenizer), name, source, kind,
                          revision=getattr(config, "_commit_hash", None) if revision else None)
     return loaded.to(device) if device is not None else loaded.to(default_device())
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "special_tokens_map.json")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else "(no message)"
+
+
+def check_tokenizer(tokenizer, model: nn.Module, name: str, source: str) -> None:
+    """Refuse a tokenizer whose vocabulary does not cover the model's embeddings.
+
+    Without its tokenizer files, transformers builds a tokenizer of a handful of special tokens, and
+    every word would become the unknown token: the statistics would be silently wrong. Embedding
+    matrices are often padded (to a multiple of 64 or 128), so up to 10% of rows may have no token.
+    """
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None or len(tokenizer) >= 0.9 * rows:
+        return
+    folder = Path(source).expanduser()
+    found = [f for f in TOKENIZER_FILES if (folder / f).is_file()] if folder.is_dir() else None
+    where = (f"{folder} holds {', '.join(found) if found else 'no tokenizer files'}; it needs tokenizer.json "
+             "(or vocab.txt, or vocab.json + merges.txt, or tokenizer.model) and tokenizer_config.json"
+             if found is not None else f"{source} provides no complete tokenizer")
+    raise ValueError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the model has {rows} "
+                     f"embeddings, so most words would become unknown tokens. {where}: save the tokenizer "
+                     "beside the model (tokenizer.save_pretrained(folder))")
 
 
 def prepare_tokenizer(tokenizer):

@@ -4,8 +4,11 @@ Aggregation happens here and nowhere else; files are written atomically with the
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -77,24 +80,67 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | No
     return out
 
 
+def records_hash(frame: pl.DataFrame) -> str:
+    """SHA-256 of a records frame's rows (in order), the same for the same records on any machine."""
+    rows = json.dumps(frame.rows(), default=str, separators=(",", ":"))
+    return hashlib.sha256(f"{frame.columns}{rows}".encode()).hexdigest()
+
+
 def save_results(frame: pl.DataFrame, config: dict, out_dir: Path) -> Path:
-    """Write `results.parquet` and `config.json` (config + versions) into `out_dir`, atomically."""
+    """Write `results.parquet` and `config.json` (config + versions) into `out_dir`, atomically,
+    bound to each other: both carry the run id and the hash of the records (`load_results` checks)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".tmp-{RESULTS}"
-    frame.write_parquet(tmp)
-    tmp.replace(out_dir / RESULTS)
-    full = {**config, "harness_version": __version__, "versions": package_versions()}
+    binding = {"run_id": config.get("run_id"), "records_sha256": records_hash(frame)}
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{RESULTS}-", dir=out_dir)
+    os.close(fd)
+    try:
+        frame.write_parquet(tmp, metadata={"neuronbench": json.dumps(binding)})
+        os.chmod(tmp, 0o644)  # results are for reading; mkstemp makes files private
+        os.replace(tmp, out_dir / RESULTS)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    full = {**config, **binding, "harness_version": __version__, "versions": package_versions()}
     paths.atomic_write_json(out_dir / CONFIG, full)
     return out_dir
 
 
 def load_results(folder: Path) -> tuple[pl.DataFrame, dict]:
-    """Read what `save_results` wrote."""
+    """Read what `save_results` wrote, checking that the two files belong to the same run.
+
+    Raises:
+        FileNotFoundError: no results in `folder`.
+        ValueError: a file is unreadable or not NeuronBench's, or the pair comes from two runs.
+    """
     folder = Path(folder)
     if not (folder / RESULTS).is_file():
         raise FileNotFoundError(f"no {RESULTS} in {folder}: pass the --out folder of a `neuronbench run`")
-    return pl.read_parquet(folder / RESULTS), json.loads((folder / CONFIG).read_text())
+    try:
+        frame = pl.read_parquet(folder / RESULTS)
+    except Exception as err:  # polars raises several unrelated classes for a damaged file
+        raise ValueError(f"{folder / RESULTS} is not a readable parquet file ({type(err).__name__}); "
+                         "run the command that wrote it again") from err
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{folder / CONFIG} is missing or not JSON ({err}); run the command that wrote "
+                         f"{folder} again") from err
+    missing = set(SCHEMA) - {"split", "status"} - set(frame.columns)  # results older than those columns load
+    if not isinstance(config, dict) or missing:
+        raise ValueError(f"{folder} is not a NeuronBench results folder ("
+                         + (f"{RESULTS} lacks columns {sorted(missing)})" if missing else f"{CONFIG} is not an object)"))
+    _check_bound(folder, frame, config)
+    return frame, config
+
+
+def _check_bound(folder: Path, frame: pl.DataFrame, config: dict) -> None:
+    run_ids = set(frame["run_id"].unique().to_list())
+    if run_ids and run_ids != {config.get("run_id")}:
+        raise ValueError(f"{folder}: {RESULTS} holds run {sorted(map(str, run_ids))} but {CONFIG} describes run "
+                         f"{config.get('run_id')!r}; the two files come from different runs: rerun it")
+    if "records_sha256" in config and config["records_sha256"] != records_hash(frame):
+        raise ValueError(f"{folder}: {RESULTS} does not hold the records {CONFIG} was written with (hash "
+                         "mismatch); the files were changed or mixed from two runs: rerun it")
 
 
 def headline_table(frame: pl.DataFrame, headlines: dict[str, str]) -> pl.DataFrame:

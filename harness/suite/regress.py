@@ -6,6 +6,8 @@ task version are compared; the same version with a different spec fingerprint is
 """
 from __future__ import annotations
 
+import fnmatch
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +35,37 @@ class RegressConfig:
     tolerance: float = 1e-6
     scope: str = "headline"
     outside_ci: bool = False
+    tolerances: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"regress scope {self.scope!r}: use one of {SCOPES}")
-        if not self.tolerance >= 0:
-            raise ValueError(f"regress tolerance {self.tolerance!r} must be >= 0")
+        for name, value in (("tolerance", self.tolerance), *self.tolerances):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"regress tolerance {value!r} for {name!r} must be a number >= 0")
+
+    def tolerance_for(self, metric: str) -> float:
+        """The first of `tolerances` whose glob `metric` matches, else `tolerance`."""
+        return float(next((v for pattern, v in self.tolerances if fnmatch.fnmatchcase(metric, pattern)), self.tolerance))
+
+
+def read_tolerances(path: Path) -> tuple[tuple[str, float], ...]:
+    """Per-metric tolerances from a JSON object `{"metric glob": tolerance, ...}` (first match wins).
+
+    Raises:
+        ValueError: the file is not such an object.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"cannot read the tolerances file {path} ({type(err).__name__}): it must be a JSON "
+                         'object like {"prune.*": 0.05}') from None
+    if not isinstance(data, dict):
+        raise ValueError(f"the tolerances file {path} holds a {type(data).__name__}: it must be a JSON object "
+                         'like {"prune.*": 0.05}')
+    out = tuple(data.items())
+    RegressConfig(tolerances=out)  # checks the values
+    return out
 
 
 def _headlines(frame: pl.DataFrame) -> pl.DataFrame:
@@ -63,7 +90,8 @@ def compare(new: pl.DataFrame, old: pl.DataFrame, config: RegressConfig = Regres
               .join(versions.group_by("task").agg(pl.col("new_version").max()), on="task", how="left"))
     delta = pl.col("value_new") - pl.col("value")
     outside = (pl.col("value_new") < pl.col("ci_low")) | (pl.col("value_new") > pl.col("ci_high"))
-    moved = delta.abs() > config.tolerance
+    tolerance = {m: config.tolerance_for(m) for m in joined["metric"].unique().to_list()}
+    moved = delta.abs() > pl.col("metric").replace_strict(tolerance, return_dtype=pl.Float64)
     if config.outside_ci:
         moved = moved & outside.fill_null(True)
     harmful = moved & (delta < 0) if config.scope == "headline" else moved
@@ -90,7 +118,8 @@ def regress(results: Path, against: Path, config: RegressConfig = RegressConfig(
 
 
 def _cli(args) -> int:
-    config = RegressConfig(tolerance=args.tolerance, scope=args.scope, outside_ci=args.outside_ci)
+    config = RegressConfig(tolerance=args.tolerance, scope=args.scope, outside_ci=args.outside_ci,
+                           tolerances=read_tolerances(Path(args.tolerances)) if args.tolerances else ())
     table = regress(Path(args.results), Path(args.against), config)
     shown = table.filter(pl.col("status") != "ok")
     counts = dict(table.group_by("status").len().iter_rows())
@@ -111,6 +140,8 @@ def add_regress_parser(sub) -> None:
     p.add_argument("--tolerance", type=float, default=1e-6, help="absolute change allowed (default 1e-6)")
     p.add_argument("--scope", choices=SCOPES, default="headline",
                    help="headline: a task's headline going down is a regression; all: any metric moving is")
+    p.add_argument("--tolerances", metavar="FILE",
+                   help='JSON object of per-metric tolerances, e.g. {"prune.*": 0.05} (first match; else --tolerance)')
     p.add_argument("--outside-ci", action="store_true",
                    help="count a change only if the new value leaves the baseline's interval")
     p.set_defaults(fn=_cli)

@@ -178,6 +178,11 @@ def plots_dir(page: Path) -> Path:
     return page.with_name(f"{page.stem}-plots")
 
 
+def _only_plots(folder: Path) -> bool:
+    # A plots folder written before folders were stamped (see paths.atomic_dir).
+    return all(p.suffix == ".png" for p in folder.iterdir())
+
+
 def write_report(folder: Path, out: Path | None = None) -> Path:
     """Write the report of the results in `folder` (default `folder/report.html`, self-contained)
     and its PNGs in `plots_dir` beside it; both replaced atomically. Returns the page's path.
@@ -189,10 +194,9 @@ def write_report(folder: Path, out: Path | None = None) -> Path:
     frame, config = read_results(folder)
     out = Path(out) if out else Path(folder) / REPORT_FILE
     pngs = plots_dir(out)
-    if pngs.exists() and any(p.suffix != ".png" for p in pngs.iterdir()):
-        raise ValueError(f"{pngs} holds files other than plots and would be replaced: pass another --out")
+    paths.check_output_dir(pngs, "report plots", _only_plots)
     page, figures = build_report(frame, config)
-    with paths.atomic_dir(pngs) as tmp:
+    with paths.atomic_dir(pngs, "report plots", legacy=_only_plots) as tmp:
         for task, png in figures.items():
             (tmp / f"{task}.png").write_bytes(png)
         tmp.chmod(0o755)  # temp files and folders are private; a report is for reading

@@ -1,6 +1,7 @@
 """The suite runner: every selected task with every applicable method, as one recorded run."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import polars as pl
 
+from ..engine import paths
 from ..engine.cache import Cache
 from ..engine.method import METHODS, Method, get_method, not_applicable
-from ..engine.records import Record, headline_table, save_results, to_frame, utc_stamp
+from ..engine.records import RESULTS, Record, headline_table, save_results, to_frame, utc_stamp
+from .journal import JOURNAL, Journal, Outcome, call_isolated
 from .task import TASKS, RunEnv, Task, TaskSpec, record
 from .verdicts import sanity_flags
 
@@ -31,6 +34,8 @@ class RunConfig:
         out: folder for results.parquet and config.json, or None.
         split: which scoring examples: `public` (fixed by each spec) or `hidden` (drawn with the
             scorer's secret seed, passed to `run_suite` and never written anywhere).
+        item_timeout: seconds one (task, method) item may take before it is recorded as an error
+            (None: no limit).
     """
 
     tasks: tuple[str, ...] = ()
@@ -40,6 +45,11 @@ class RunConfig:
     seed: int = 0
     out: str | None = None
     split: str = "public"
+    item_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.item_timeout is not None and not self.item_timeout > 0:
+            raise ValueError(f"--item-timeout {self.item_timeout!r}: give a number of seconds above 0")
 
 
 def resolve_spec(task: Task, config: RunConfig) -> TaskSpec:
@@ -80,14 +90,20 @@ def _score(task: Task, spec: TaskSpec, method: Method, env: RunEnv) -> list[Reco
     return [record(spec, method.name, f"{spec.name}.not_applicable", None, env.seed, status="not_applicable")]
 
 
-def run_suite(config: RunConfig, progress: bool = True,
-              hidden_seed: int | None = None) -> tuple[pl.DataFrame, dict]:
+def run_suite(config: RunConfig, progress: bool = True, hidden_seed: int | None = None,
+              resume: bool = False) -> tuple[pl.DataFrame, dict]:
     """Run the suite; returns the long-format records and the run's config record.
+
+    Each (task, method) item runs isolated (`journal.call_isolated`): an exception or a hang past
+    `config.item_timeout` becomes an `error` record, named in the config record's `errors`, and the
+    other items go on. With `config.out`, each finished item is journalled there at once.
 
     Args:
         config: what to run.
         progress: print a line per task and method.
         hidden_seed: the scorer's secret seed, needed for `config.split == "hidden"`.
+        resume: continue the journalled run in `config.out` (see `resume_config`): its finished
+            items are taken from the journal, the rest (and failed ones) are run.
     """
     task_names = config.tasks or tuple(TASKS.names())
     method_names = config.methods or tuple(METHODS.names())
@@ -95,25 +111,77 @@ def run_suite(config: RunConfig, progress: bool = True,
     methods = [get_method(n) for n in method_names]
     env = RunEnv(seed=config.seed, quick=config.quick, cache=Cache(), progress=progress,
                  split=config.split, hidden_seed=hidden_seed)
-    run_id = uuid.uuid4().hex[:12]
+    journal = _open_journal(config, resume)
+    run_id = journal.header["run_id"] if journal else uuid.uuid4().hex[:12]
     records: list[Record] = []
-    timings = {}
+    timings, errors = {}, {}
     for task in tasks:
         spec = resolve_spec(task, config)
         for method in methods:
-            got, timings[f"{spec.name}/{method.name}"] = timed_run(
-                task, spec, method, env, f"[{task.spec.name}] {method.name} ..." if progress else None)
-            records.extend(got)
+            item = f"{spec.name}/{method.name}"
+            outcome = journal.finished(item, spec.fingerprint()) if journal else None
+            if outcome is None:
+                outcome, trace = _run_item(task, spec, method, env, config.item_timeout,
+                                           f"[{task.spec.name}] {method.name} ..." if progress else None)
+                if journal:
+                    journal.add(item, spec.fingerprint(), outcome, trace)
+            records.extend(outcome.records)
+            timings[item] = outcome.seconds
+            if outcome.error:
+                errors[item] = outcome.error
     specs = {t.spec.name: asdict(resolve_spec(t, config)) for t in tasks}
     record_config = {"run_id": run_id, "created": utc_stamp(),
                      "config": asdict(config), "tasks": specs,
                      "fingerprints": {n: resolve_spec(TASKS.get(n), config).fingerprint() for n in task_names},
-                     "methods": [m.name for m in methods], "seconds": timings,
+                     "methods": [m.name for m in methods], "seconds": timings, "errors": errors,
                      "not_applicable": dict(env.not_applicable)}
     frame = to_frame(records, run_id)
     if config.out:
         save_results(frame, record_config, Path(config.out))
+        journal.close(keep=bool(errors))
     return frame, record_config
+
+
+def _run_item(task: Task, spec: TaskSpec, method: Method, env: RunEnv, timeout_s: float | None,
+              announce: str | None) -> tuple[Outcome, str | None]:
+    start = time.perf_counter()
+    got, error, trace = call_isolated(lambda: timed_run(task, spec, method, env, announce), timeout_s)
+    if not error:
+        return Outcome(*got), None
+    log.error("%s on %s failed: %s", method.name, spec.name, error)
+    failed = record(spec, method.name, f"{spec.name}.error", None, env.seed, status="error", split=env.split)
+    return Outcome([failed], round(time.perf_counter() - start, 2), error), trace
+
+
+def _open_journal(config: RunConfig, resume: bool) -> Journal | None:
+    if not config.out:
+        return None
+    out = Path(config.out)
+    if resume:
+        journal = Journal.resume(out)
+        settings = {**json.loads(json.dumps(asdict(config))), "out": None}
+        if {**journal.header.get("config", {}), "out": None} != settings:
+            raise ValueError(f"{out}: --resume continues a run with its own settings; they differ from these")
+        return journal
+    check_run_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / paths.MARKER).write_text(json.dumps({"kind": RESULTS_KIND}) + "\n")
+    return Journal.start(out, {"run_id": uuid.uuid4().hex[:12], "config": asdict(config)})
+
+
+RESULTS_KIND = "results"
+
+
+def check_run_out(out: Path) -> None:
+    """Raise before any work unless `out` can take a run's results (see `paths.check_output_dir`)."""
+    paths.check_output_dir(out, RESULTS_KIND, lambda f: (f / RESULTS).is_file() or (f / JOURNAL).is_file())
+
+
+def resume_config(folder: Path) -> RunConfig:
+    """The config of the journalled run in `folder`, for `run_suite(..., resume=True)`."""
+    saved = Journal.resume(Path(folder)).header["config"]
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    return RunConfig(**{**fields, "out": str(folder)})
 
 
 def summary(frame: pl.DataFrame) -> pl.DataFrame:

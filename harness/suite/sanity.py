@@ -218,8 +218,9 @@ def run_sanity(config: RunConfig, progress: bool = True) -> tuple[list[Check], p
         checks += task_checks
         records += task_records
         verdicts[spec.name] = store_verdict(spec, task_checks, surviving(task_checks, task_records))
-    frame = to_frame(records, uuid.uuid4().hex[:12])
-    run_config = {"kind": "sanity", "config": asdict(config), "verdicts": verdicts,
+    run_id = uuid.uuid4().hex[:12]
+    frame = to_frame(records, run_id)
+    run_config = {"run_id": run_id, "kind": "sanity", "config": asdict(config), "verdicts": verdicts,
                   "fingerprints": {name: v["fingerprint"] for name, v in verdicts.items()}}
     if config.out:
         save_results(frame, run_config, Path(config.out))

@@ -187,14 +187,18 @@ def read_hidden_seed(path: str | None = None) -> int | None:
     """The scorer's secret seed: an integer in the file `path`, else in ${HIDDEN_SEED_ENV}, else None.
 
     The seed never lives in the repository or in a results folder."""
-    text = Path(path).read_text().strip() if path else os.environ.get(HIDDEN_SEED_ENV)
+    where = f"the hidden-seed file {path}" if path else f"${HIDDEN_SEED_ENV}"
+    try:
+        text = Path(path).read_text().strip() if path else os.environ.get(HIDDEN_SEED_ENV)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {where} ({type(err).__name__}: {getattr(err, 'strerror', None) or 'not text'}): "
+                         "pass a file holding one integer") from None
     if text is None:
         return None
     try:
         return int(text)
-    except ValueError:
-        raise ValueError(f"hidden seed {'in ' + str(path) if path else 'in $' + HIDDEN_SEED_ENV} "
-                         f"is {text[:20]!r}: write one integer") from None
+    except ValueError:  # the content is a secret: never echo it
+        raise ValueError(f"{where} does not hold one integer: write the secret seed as one integer") from None
 
 
 Scorer = Callable[[TaskSpec, Method, RunEnv], list[Record]]

@@ -17,7 +17,7 @@ from .. import __version__
 from ..engine.catalogue import (MANIFEST, Manifest, ZooSpec, _jsonable, entries, entry_dir, get_spec,
                                 scaled_name, status)
 from ..engine.models import default_device
-from ..engine.paths import atomic_dir, atomic_write_json
+from ..engine.paths import atomic_dir, atomic_write_json, clean_stale_tmp
 from ..engine.records import utc_stamp
 from . import train as zoo_train
 
@@ -57,7 +57,8 @@ def build(name: str, *, scale: str = "full", force: bool = False, progress: bool
     builder = {"classifier": zoo_train.build_classifier, "trajectory": zoo_train.build_trajectory}[spec.kind]
     start = time.perf_counter()
     final = entry_dir(spec.name)
-    with atomic_dir(final) as tmp:
+    clean_stale_tmp(final.parent)  # what killed builds left
+    with atomic_dir(final, "zoo entry", legacy=lambda f: (f / MANIFEST).is_file()) as tmp:
         result = builder(spec.hparams, tmp, progress)
         manifest = _manifest(spec, result, _file_sizes(tmp), time.perf_counter() - start)
         atomic_write_json(tmp / MANIFEST, manifest.to_json())

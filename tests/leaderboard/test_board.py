@@ -82,6 +82,8 @@ def test_without_a_created_time_the_newer_file_wins_and_old_results_lacking_colu
     old = write(tmp_path / "old", case_records(), run_id="old")
     frame = pl.read_parquet(old / "results.parquet").drop("split", "status")  # written before those existed
     frame.write_parquet(old / "results.parquet")
+    config = json.loads((old / "config.json").read_text())  # nor had the records hash
+    (old / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "records_sha256"}))
     new = write(tmp_path / "new", case_records(), run_id="new")
     os.utime(old / "results.parquet", (1e9, 1e9))
     board = lb.build_board([new, old])
@@ -212,3 +214,46 @@ def test_site_of_a_real_quick_run_and_a_submission(quick_results, tmp_path, brow
         details = open_page(browser, tmp_path / "site" / lb.METHODS_DIR / f"{method}.html")
         facts = details.facts()
         assert details.errors == [] and facts["images"] and all(i["width"] > 0 for i in facts["images"])
+
+
+def test_a_submission_never_shadows_a_baseline_and_a_renamed_one_is_refused(tmp_path):
+    """Issue 13, case 5: submissions are namespaced (submitter/method@version)."""
+    from neuronbench.leaderboard.score import ScoreConfig, score_submission
+    from neuronbench.leaderboard.submission import read_manifest, submission_id
+
+    from ._exports import copy_of
+
+    baseline = write(tmp_path / "baseline", synthetic_records(tasks=("ppl-trend",), methods=("random",), n_a=()))
+    submission = copy_of("random", tmp_path)  # its manifest says "method": "random", like the baseline
+    scored = tmp_path / "scored"
+    score_submission(ScoreConfig(str(submission), out=str(scored), tasks=("ppl-trend",)))
+    board = lb.build_board([baseline, scored])
+    name = submission_id(read_manifest(submission))
+    assert "/" in name and set(board.frame["method"]) == {"random", name}
+    assert set(board.frame.filter(pl.col("method") == "random")["source"]) == {str(baseline)}
+    again = tmp_path / "scored-again"  # the scorer names the submitter
+    score_submission(ScoreConfig(str(submission), out=str(again), tasks=("ppl-trend",), submitter="Ada L."))
+    assert set(pl.read_parquet(again / "results.parquet")["method"]) == {"Ada-L./random@" + name.split("@")[1]}
+    frame = pl.read_parquet(scored / "results.parquet").with_columns(method=pl.lit("random"))
+    save_results(frame, json.loads((scored / "config.json").read_text()), scored)  # a doctored scored folder
+    with pytest.raises(ValueError, match="namespaced id"):
+        lb.build_board([baseline, scored])
+
+
+def test_a_manifest_with_a_duplicate_key_is_rejected(tmp_path):
+    from neuronbench.leaderboard.validate import validate
+
+    from ._exports import copy_of
+
+    submission = copy_of("random", tmp_path)
+    text = (submission / lb.MANIFEST).read_text()
+    (submission / lb.MANIFEST).write_text(text.replace('"method": "random"', '"method": "random", "method": "lca"', 1))
+    assert any("duplicate key(s) 'method'" in p.message for p in validate(submission))
+    with pytest.raises(ValueError, match="duplicate key"):  # the board reads manifests the same way
+        lb.build_board([_with_manifest(tmp_path / "run", submission / lb.MANIFEST)])
+
+
+def _with_manifest(folder: Path, manifest: Path) -> Path:
+    write(folder, case_records())
+    (folder / lb.MANIFEST).write_bytes(manifest.read_bytes())
+    return folder

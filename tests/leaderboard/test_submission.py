@@ -21,7 +21,7 @@ from neuronbench.harness.suite.task import TASKS, RunEnv
 from neuronbench.leaderboard.export import ExportConfig, export_submission
 from neuronbench.leaderboard.replay import Recorder, Replay, ReplayError
 from neuronbench.leaderboard.score import InvalidSubmission, ScoreConfig, score_submission
-from neuronbench.leaderboard.submission import MANIFEST, read_manifest
+from neuronbench.leaderboard.submission import MANIFEST, read_manifest, submission_id
 from neuronbench.leaderboard.validate import validate
 
 from ._exports import comparable, copy_of, exported, scored
@@ -46,8 +46,9 @@ def test_export_validates_and_rescoring_reproduces_the_method_s_records(task, me
         return
     assert validate(result.folder) == []
     again = scored(method).filter(pl.col("task") == task)
-    assert set(again["split"]) == {"public"} and set(again["method"]) == {method}
-    assert comparable(again).equals(comparable(direct))
+    name = submission_id(read_manifest(result.folder))
+    assert set(again["split"]) == {"public"} and set(again["method"]) == {name} and f"/{method}@" in name
+    assert comparable(again).equals(comparable(direct.with_columns(method=pl.lit(name))))
 
 
 def test_recording_is_transparent_export_records_equal_a_plain_run():
@@ -99,7 +100,7 @@ def test_tampered_submission_scores_what_its_outputs_earn_not_what_it_claims(tmp
     got, _ = score_submission(ScoreConfig(str(folder), tasks=("prune",)))
     spec = TASKS.get("prune").spec.quick_version()
     direct = run_one(TASKS.get("prune"), spec, _Reversed(), RunEnv(seed=0, quick=True, cache=Cache(), progress=False))
-    assert comparable(got).equals(comparable(to_frame(direct, "direct")))
+    assert comparable(got).equals(comparable(to_frame(direct, "direct").with_columns(method=pl.lit(submission_id(man)))))
     original = scored("random").filter(pl.col("task") == "prune")
     assert not comparable(got).equals(comparable(original))
 

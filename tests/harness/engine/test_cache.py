@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from neuronbench.harness.engine import paths
 from neuronbench.harness.engine.activations import cache_parts, collect_cached
 from neuronbench.harness.engine.cache import Cache
 from neuronbench.harness.engine.collect import CollectConfig, collect
@@ -168,7 +169,7 @@ def test_process_killed_inside_a_write_leaves_only_a_tmp_folder(tmp_cache):
     assert not hit and tmp_cache.get(entry.key) is not None
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "meta"])
+@pytest.mark.parametrize("damage", ["truncate", "delete", "meta", "same-size", "header"])
 def test_damaged_entry_is_detected_removed_and_rebuilt(tiny, sentence_data, tmp_cache, damage):
     model = tiny("gpt2")
     collect_cached(model, sentence_data, CFG, cache=tmp_cache, progress=False)
@@ -178,6 +179,14 @@ def test_damaged_entry_is_detected_removed_and_rebuilt(tiny, sentence_data, tmp_
         target.write_bytes(target.read_bytes()[:-10])
     elif damage == "delete":
         target.unlink()
+    elif damage == "same-size":  # other values, same size: only the content hash can tell
+        data = bytearray(target.read_bytes())
+        data[-64:] = bytes(b ^ 0x5A for b in data[-64:])
+        target.write_bytes(bytes(data))
+    elif damage == "header":
+        data = bytearray(target.read_bytes())
+        data[8:16] = b"{{{{{{{{"
+        target.write_bytes(bytes(data))
     else:
         (entry.path / "meta.json").write_text("{ not json")
     assert tmp_cache.get(entry.key) is None
@@ -192,7 +201,7 @@ def test_entry_meta_lists_every_file_with_its_size(tiny, sentence_data, tmp_cach
     collect_cached(tiny("bert"), sentence_data, CFG, cache=tmp_cache, progress=False)
     (entry,) = tmp_cache.entries()
     meta = json.loads((entry.path / "meta.json").read_text())
-    files = sorted(p.name for p in entry.path.iterdir() if p.name != "meta.json")
+    files = sorted(p.name for p in entry.path.iterdir() if p.name not in ("meta.json", paths.MARKER))
     assert [f["name"] for f in meta["files"]] == files
     assert all(f["bytes"] == (entry.path / f["name"]).stat().st_size for f in meta["files"])
     assert meta["key"] == entry.key and meta["parts"]["config"]["sites"] == ["ffn.0", "resid.1"]
@@ -206,3 +215,10 @@ def test_clear_removes_entries_and_leftover_tmp_folders(tmp_cache):
     assert tmp_cache.clear() == 3
     assert tmp_cache.entries() == [] and list(tmp_cache.root.iterdir()) == []
     assert Cache(tmp_cache.root / "never-made").clear() == 0
+
+
+def test_an_entry_whose_meta_is_not_an_object_is_not_listed_and_is_rebuilt(tmp_cache):
+    entry, _ = tmp_cache.get_or_put({"a": 1}, lambda folder: {})
+    (entry.path / "meta.json").write_text("[1, 2]")
+    assert tmp_cache.entries() == []
+    assert tmp_cache.get(entry.key) is None and not entry.path.exists()

@@ -79,3 +79,28 @@ def test_cli_exit_codes_and_table(runs, tmp_path, capsys):
     assert "no results.parquet" in capsys.readouterr().err
     with pytest.raises(ValueError, match="scope"):
         RegressConfig(scope="some")
+
+
+def test_per_metric_tolerances_first_match_wins_else_the_default(runs, tmp_path, capsys):
+    worse = runs["base"].with_columns(value=pl.col("value") + 0.01, run_id=pl.lit("worse"))
+    loose = RegressConfig(scope="all", tolerances=(("descriptors.data.*", 0.02), ("descriptors.*", 0.0)))
+    table = compare(worse, runs["base"], loose)
+    moved = set(table.filter(pl.col("status") == "regression")["metric"])
+    assert moved and not any(m.startswith("descriptors.data.") for m in moved)
+    (tmp_path / "tol.json").write_text('{"descriptors.*": 0.02}')
+    save_results(worse, {"run_id": "worse"}, tmp_path / "worse")
+    save_results(runs["base"], {"run_id": "base"}, tmp_path / "base")
+    argv = ["regress", str(tmp_path / "worse"), "--against", str(tmp_path / "base"), "--scope", "all"]
+    assert main([*argv, "--tolerances", str(tmp_path / "tol.json")]) == 0
+    (tmp_path / "tol.json").write_text('["descriptors.*", 0.02]')
+    assert main([*argv, "--tolerances", str(tmp_path / "tol.json")]) == 2
+    assert "must be a JSON object" in capsys.readouterr().err
+
+
+def test_the_golden_tolerances_file_is_valid():
+    from pathlib import Path
+
+    from neuronbench.harness.suite.regress import read_tolerances
+
+    tolerances = dict(read_tolerances(Path(__file__).parents[2] / "golden" / "tolerances.json"))
+    assert set(tolerances) == {f"{t}.*" for t in TASKS.names()}

@@ -108,7 +108,7 @@ def test_never_replaces_a_folder_of_other_files(tmp_path):
     mine = tmp_path / "notes-plots"
     mine.mkdir()
     (mine / "draft.txt").write_text("precious")
-    with pytest.raises(ValueError, match="other than plots"):
+    with pytest.raises(ValueError, match="NeuronBench did not write"):
         report.write_report(folder, tmp_path / "notes.html")
     assert (mine / "draft.txt").read_text() == "precious"
 
@@ -118,7 +118,7 @@ def test_run_writes_the_report_unless_told_not_to(tmp_path, monkeypatch, capsys)
 
     records = synthetic_records(tasks=("prune",), methods=("alpha",), n_a=())
 
-    def fake_run_suite(config):
+    def fake_run_suite(config, resume=False):
         write_results(pathlib.Path(config.out), records)
         return to_frame(records, "fake"), {}
 

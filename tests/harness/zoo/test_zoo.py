@@ -78,7 +78,8 @@ def test_manifest_is_complete_and_lists_every_file(in_built_home):
         assert stored["data"]["fingerprint"] == data.load(stored["data"]["name"]).fingerprint
         assert stored["wall_time_s"] > 0 and stored["step"] > 0
         on_disk = {p.relative_to(manifest.path).as_posix(): p.stat().st_size
-                   for p in manifest.path.rglob("*") if p.is_file() and p != manifest.path / catalogue.MANIFEST}
+                   for p in manifest.path.rglob("*") if p.is_file()
+                   and p not in (manifest.path / catalogue.MANIFEST, manifest.path / paths.MARKER)}
         assert stored["files"] == on_disk
     cls = in_built_home["minilm-polarity-tiny"].metrics
     assert {"dev_accuracy", "test_accuracy", "probe_test_accuracy", "best_epoch"} <= set(cls)
