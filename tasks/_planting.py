@@ -1,6 +1,7 @@
-"""Planted neurons: extra FFN units added to a copy of a BERT-style model, whose input weights
-detect a known target and whose output weights are zero, so the model computes exactly what it
-did while the new units' activations follow the target: ground truth for explanation methods."""
+"""Planted neurons: extra FFN units added to a copy of a model (BERT-style or gated Llama-style
+MLPs), whose input weights detect a known target and whose output weights are zero, so the model
+computes exactly what it did while the new units' activations follow the target: ground truth for
+explanation methods. Targets may be word-level or sentence-level (`engine.discovery.sentence_means` of the inputs)."""
 from __future__ import annotations
 
 import copy
@@ -32,17 +33,43 @@ class Planted:
     units: tuple[int, ...]
 
 
-def ffn_linears(model: nn.Module, layer: int) -> tuple[nn.Linear, nn.Linear]:
-    """The FFN up projection (`intermediate.dense`) and down projection (`output.dense`) of a
-    BERT-style block. Other architectures have no planting support yet."""
-    spec = arch_spec(model)
+@dataclass(frozen=True)
+class FFNParts:
+    """Where one block's FFN keeps its matrices: attribute paths inside the block (None for no gate).
+
+    `up` (and `gate` when the MLP is gated, `act(gate(x)) * up(x)`) map the FFN input to the
+    neurons; `down` maps the neurons back (the module `models` hooks for the `ffn` site)."""
+
+    up: str
+    down: str
+    gate: str | None = None
+
+
+def ffn_parts(model: nn.Module, layer: int) -> FFNParts:
+    """Locate the FFN matrices of block `layer` structurally: the down projection comes from
+    `models.arch_spec`, the up (and gate) projections are the block's other `nn.Linear`s whose
+    output width is the down projection's input width, outside the attention submodule (a name
+    containing "gate" marks the gate).
+
+    Raises:
+        ValueError: the layout is not one or two such `nn.Linear`s (e.g. GPT-2's Conv1D).
+    """
+    down_path = arch_spec(model).down_proj
     block = layer_modules(model)[layer]
-    up = getattr(getattr(block, "intermediate", None), "dense", None)
-    down = getattr(getattr(block, "output", None), "dense", None)
-    if spec.down_proj != "output.dense" or not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear):
-        raise ValueError(f"planting needs a BERT-style FFN (intermediate.dense -> output.dense); "
-                         f"{model.config.model_type!r} has another layout: use a BERT, RoBERTa or ELECTRA model")
-    return up, down
+    down = block.get_submodule(down_path)
+    width = getattr(down, "in_features", None)
+    # Attention projections can have the same width (hidden == intermediate in tiny models);
+    # every supported family names its attention submodule `attention`, `attn` or `self_attn`.
+    ins = {name: m for name, m in block.named_modules()
+           if isinstance(m, nn.Linear) and name != down_path and m.out_features == width
+           and not any(part in ("attention", "attn", "self_attn") for part in name.split("."))}
+    gates = [n for n in ins if "gate" in n.rsplit(".", 1)[-1]]
+    ups = [n for n in ins if n not in gates]
+    if not isinstance(down, nn.Linear) or len(ups) != 1 or len(gates) > 1:
+        raise ValueError(f"planting needs an FFN of nn.Linear layers (up [+ gate] -> down); block {layer} of "
+                         f"{model.config.model_type!r} has down {type(down).__name__} and inputs {sorted(ins)}: "
+                         "use a BERT, GPT-NeoX or Llama-family model")
+    return FFNParts(ups[0], down_path, gates[0] if gates else None)
 
 
 def ffn_inputs(model: LoadedModel, layer: int, dataset, max_length: int = 256,
@@ -60,7 +87,7 @@ def ffn_inputs(model: LoadedModel, layer: int, dataset, max_length: int = 256,
         (W, H) float32 inputs, words in dataset order, and (W,) bool `kept`: False for a word left
         with no token (cut by truncation), whose row is zero.
     """
-    up, _ = ffn_linears(model.model, layer)
+    up = layer_modules(model.model)[layer].get_submodule(ffn_parts(model.model, layer).up)
     enc = encode(model.tokenizer, dataset, min(max_length, model.max_length), with_words=True)
     offsets = np.concatenate([[0], np.cumsum(enc.n_words)]).astype(np.int64)
     inputs = np.zeros((int(offsets[-1]), up.in_features), dtype=np.float32)
@@ -128,35 +155,56 @@ def fit_detectors(inputs: np.ndarray, targets: np.ndarray, ridge: float = 1e-3,
 
 def plant_units(model: LoadedModel, layer: int, weight: torch.Tensor, bias: torch.Tensor,
                 seed: int = 0) -> Planted:
-    """A copy of `model` whose FFN at `layer` has P more units: unit j reads `weight[j]`, `bias[j]`
-    and writes nothing (a zero column of the down projection), at a seeded random position.
+    """A copy of `model` whose FFN at `layer` has P more units: unit j computes act(`weight[j]` . x +
+    `bias[j]`) and writes nothing (a zero column of the down projection), at a seeded random position.
 
-    The model's outputs are unchanged (up to float summation order). `config.intermediate_size`
-    still describes the other layers; `LoadedModel.width(Site.ffn(layer))` reads the module and
-    reports the new width.
+    In a gated MLP (`act(gate(x)) * up(x)`, Llama-style) the gate row is the detector and the up row
+    is zero with bias 1, so the unit is act(weight . x + bias) too; projections without a bias get
+    one, zero on the original units. The model's outputs are unchanged (up to float summation
+    order). `config.intermediate_size` still describes the other layers; `LoadedModel.width`
+    reads the module and reports the new width.
     """
     net = copy.deepcopy(model.model)
-    up, down = ffn_linears(net, layer)
-    n_old, n_new = up.out_features, weight.shape[0]
-    if weight.shape != (n_new, up.in_features) or bias.shape != (n_new,):
+    block, parts = layer_modules(net)[layer], ffn_parts(net, layer)
+    detector = block.get_submodule(parts.gate or parts.up)
+    n_old, n_new = detector.out_features, weight.shape[0]
+    if weight.shape != (n_new, detector.in_features) or bias.shape != (n_new,):
         raise ValueError(f"weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must be "
-                         f"(P, {up.in_features}) and (P,)")
+                         f"(P, {detector.in_features}) and (P,)")
     pos = np.random.default_rng(seed).choice(n_old + n_new, n_new, replace=False)
     old = np.setdiff1d(np.arange(n_old + n_new), pos)  # original units keep their order
-    new_up = nn.Linear(up.in_features, n_old + n_new, device=up.weight.device, dtype=up.weight.dtype)
-    new_down = nn.Linear(n_old + n_new, down.out_features, bias=down.bias is not None,
-                         device=down.weight.device, dtype=down.weight.dtype)
-    pos_t, old_t = (torch.as_tensor(i, device=up.weight.device) for i in (pos, old))
-    with torch.no_grad():
-        new_up.weight[old_t] = up.weight
-        new_up.weight[pos_t] = weight.to(up.weight)
-        new_up.bias[old_t] = up.bias
-        new_up.bias[pos_t] = bias.to(up.bias)
-        new_down.weight.zero_()
-        new_down.weight[:, old_t] = down.weight
-        if down.bias is not None:
-            new_down.bias.copy_(down.bias)
-    block = layer_modules(net)[layer]
-    block.intermediate.dense, block.output.dense = new_up, new_down
+    grown = {(parts.gate or parts.up): _grown_rows(detector, weight, bias, pos, old)}
+    if parts.gate:
+        up = block.get_submodule(parts.up)
+        grown[parts.up] = _grown_rows(up, torch.zeros(n_new, up.in_features), torch.ones(n_new), pos, old)
+    grown[parts.down] = _grown_columns(block.get_submodule(parts.down), pos, old)
+    for path, module in grown.items():
+        parent, _, leaf = path.rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, leaf, module)
     planted = LoadedModel(net.eval(), model.tokenizer, f"{model.name}+planted", "<planted>", model.kind)
     return Planted(planted, Site.ffn(layer), tuple(int(p) for p in pos))
+
+
+def _grown_rows(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor, pos, old) -> nn.Linear:
+    """`linear` with output rows `weight`/`bias` inserted at `pos` (its own rows move to `old`)."""
+    out = nn.Linear(linear.in_features, len(pos) + len(old), bias=True,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+    pos_t, old_t = (torch.as_tensor(i, device=linear.weight.device) for i in (pos, old))
+    with torch.no_grad():
+        out.weight[old_t] = linear.weight
+        out.weight[pos_t] = weight.to(linear.weight)
+        out.bias[old_t] = linear.bias if linear.bias is not None else 0.0
+        out.bias[pos_t] = bias.to(linear.weight)
+    return out
+
+
+def _grown_columns(linear: nn.Linear, pos, old) -> nn.Linear:
+    """`linear` reading `len(pos)` more inputs, at `pos`, with zero weights."""
+    out = nn.Linear(len(pos) + len(old), linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        out.weight.zero_()
+        out.weight[:, torch.as_tensor(old, device=linear.weight.device)] = linear.weight
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias)
+    return out

@@ -98,6 +98,8 @@ class MethodContext:
             keys recorded answers (submissions); a method has no need to read it.
         cache: the activation cache.
         collect_defaults: batching settings for `collect`.
+        proposer: the generative LM a task provides for methods that propose descriptors (a model
+            alias such as `smollm2-135m`, or `stub` for a keyword stand-in), or None.
     """
 
     model: LoadedModel
@@ -111,6 +113,7 @@ class MethodContext:
     labelling: str | None = None
     cache: Cache | None = None
     collect_defaults: dict = field(default_factory=dict)
+    proposer: str | None = None
 
     @property
     def index(self) -> NeuronIndex:
