@@ -59,7 +59,8 @@ class Discovery(Method):
     least `min_hits` top sentences) are its answer, best first, at most `top`.
 
     Args:
-        generator: the generator when the task names none (`smollm2-135m`, a folder, or `stub`).
+        generator: the generator when the task names none (`smollm2-135m`, a folder, or `stub`);
+            with neither, the method is not applicable.
         embedder: `minilm` or `hash`.
         similarity, top_fraction, min_hits, top, batch_size: see above.
     """
@@ -67,7 +68,7 @@ class Discovery(Method):
     name = "discovery"
     needs = Needs()
 
-    def __init__(self, generator: str = "smollm2-135m", embedder: str = "minilm", similarity: float = 0.8,
+    def __init__(self, generator: str | None = None, embedder: str = "minilm", similarity: float = 0.8,
                  top_fraction: float = 0.1, min_hits: int = 2, top: int = 10, batch_size: int = 16):
         self.generator, self.embedder, self.similarity = generator, embedder, similarity
         self.top_fraction, self.min_hits, self.top, self.batch_size = top_fraction, min_hits, top, batch_size
@@ -75,8 +76,11 @@ class Discovery(Method):
     def descriptors(self, ctx: MethodContext, vocabulary: tuple[str, ...]) -> dict[int, list[str]]:
         data = ctx.data
         texts = data["text"] if "text" in data.column_names else [" ".join(w) for w in data["words"]]
-        completions, cost = propose(_proposer(ctx.proposer or self.generator, self.batch_size), texts,
-                                    self.batch_size, progress=True)
+        generator = ctx.proposer or self.generator
+        if generator is None:  # the runner records "not applicable"
+            raise NotImplementedError("discovery ties descriptors a generative LM proposes; this task provides "
+                                      "no generator (ctx.proposer) and none was given (Discovery(generator=...))")
+        completions, cost = propose(_proposer(generator, self.batch_size), texts, self.batch_size, progress=True)
         log.info("discovery: generation %s", cost)
         embed = _embedder(self.embedder)
         own = assign([normalise(c) for c in completions], vocabulary, embed(list(vocabulary)), embed,

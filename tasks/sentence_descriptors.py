@@ -72,8 +72,8 @@ SPEC = TaskSpec(
     headline=f"{NAME}.planted.p_gap@2", no_skill=0.0,
     params=(("per_part", 300), ("generator", "smollm2-135m"), ("embedder", "minilm"),
             ("cluster_similarity", 0.8), ("min_support", 5), ("max_vocabulary", 60), ("min_positive", 10),
-            ("truth_statistic", "cohen_d"), ("d_threshold", 0.8), ("n_planted", 24), ("planted_layer", -1),
-            ("max_planted_size", 2), ("planted_gain", 10.0), ("ridge", 1e-2), ("ks", (1, 2, 5)),
+            ("truth_statistic", "cohen_d"), ("d_threshold", 0.8), ("n_planted", 32), ("planted_layer", -1),
+            ("max_planted_size", 3), ("planted_gain", 10.0), ("ridge", 1e-2), ("ks", (1, 2, 5)),
             ("description_metrics", tuple(description.METRICS)), ("active_fraction", description.ACTIVE_FRACTION),
             ("sanity_trials", 5), ("sanity_pass_rate", 0.9), ("bootstrap", 1000)),
     quick=(("model", "minilm-polarity-tiny"), ("generator", "stub"), ("per_part", 80), ("n_planted", 6),
@@ -116,21 +116,28 @@ def cohen_d(acts_SN: np.ndarray, present_SV: np.ndarray) -> np.ndarray:
 
 def choose_planted_sets(valid_SV: np.ndarray, supported: np.ndarray, n: int, max_size: int, threshold: float,
                         rng: np.random.Generator) -> list[tuple[int, ...]]:
-    """`n` distinct sets of supported descriptors (sizes cycling 1..max_size), each kept only if the
-    ideal unit ("carries one of them") has exactly that truth set on validation."""
+    """`n` distinct sets of supported descriptors, each kept only if the ideal unit ("carries one
+    of them") has exactly that truth set on validation. Unit j tries size 1 + j % max_size first,
+    then the other sizes (a small vocabulary has few exact single descriptors)."""
     eligible, chosen = np.flatnonzero(supported), []
+
+    def exact(cand: tuple[int, ...]) -> bool:
+        ideal = valid_SV[:, list(cand)].any(1, keepdims=True)
+        return set(np.flatnonzero((cohen_d(ideal, valid_SV)[:, 0] >= threshold) & supported).tolist()) == set(cand)
+
     for j in range(n):
-        size = 1 + j % max_size
-        for _ in range(_MAX_DRAWS if len(eligible) >= size else 0):
-            cand = tuple(sorted(rng.choice(eligible, size, replace=False).tolist()))
-            ideal = valid_SV[:, list(cand)].any(1, keepdims=True)
-            truth = set(np.flatnonzero((cohen_d(ideal, valid_SV)[:, 0] >= threshold) & supported).tolist())
-            if cand not in chosen and truth == set(cand):
-                chosen.append(cand)
+        first = 1 + j % max_size
+        for size in (first, *(s for s in range(1, max_size + 1) if s != first)):
+            draws = (tuple(sorted(rng.choice(eligible, size, replace=False).tolist()))
+                     for _ in range(_MAX_DRAWS if len(eligible) >= size else 0))
+            found = next((c for c in draws if c not in chosen and exact(c)), None)
+            if found:
+                chosen.append(found)
                 break
         else:
-            raise ValueError(f"found no descriptor set of size {size} whose indicator has exactly that truth set "
-                             f"({len(eligible)} supported descriptors); lower n_planted or max_planted_size")
+            raise ValueError(f"found no new descriptor set of at most {max_size} whose indicator has exactly that "
+                             f"truth set ({len(eligible)} supported descriptors, {len(chosen)} sets so far); "
+                             "lower n_planted or raise max_planted_size")
     return chosen
 
 

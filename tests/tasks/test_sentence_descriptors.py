@@ -185,3 +185,14 @@ def test_sanity_records_are_present_for_every_metric(toy_runs):
         assert {f"{S.NAME}.metric_sanity.{metric}.{t}" for t in ("missing", "extra", "passed")} <= set(rec)
         assert f"{S.NAME}.planted.desc_{metric}@1" in rec
     assert rec[f"{S.NAME}.metric_sanity.precision.passed"].value == 0.0
+
+
+def test_discovery_is_not_applicable_without_a_generator(tiny):
+    import datasets
+
+    from neuronbench.harness.engine.method import MethodContext
+
+    model = tiny("bert")
+    ctx = MethodContext(model, model.sites("resid"), datasets.Dataset.from_dict({"words": [["a", "cat"]]}), "d")
+    with pytest.raises(NotImplementedError, match="no generator"):
+        get_method("discovery").descriptors(ctx, ("comedy",))

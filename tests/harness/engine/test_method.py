@@ -36,7 +36,7 @@ def contexts(tmp_path_factory):
     return {
         "relevance": MethodContext(child, data=sentences, data_id="s", parent=parent, **common),
         "stage_change": MethodContext(child, data=sentences, data_id="s", parent=parent, **common),
-        "descriptors": MethodContext(child, data=worded, data_id="w", parent=parent, **common),
+        "descriptors": MethodContext(child, data=worded, data_id="w", parent=parent, proposer="stub", **common),
         "attribute_positions": MethodContext(child, data=sentences, data_id="s", parent=parent, **common),
     }
 

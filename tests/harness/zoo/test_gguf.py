@@ -1,6 +1,6 @@
 """Tests for the packaged (GGUF) zoo entry `smollm2-135m`: the fast ones check the declaration and
 the failure messages; the slow one converts the real file in a fresh home, loads it and resolves
-its sites."""
+its sites, and generates descriptors with it."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,6 +12,7 @@ import torch
 from neuronbench.harness.engine import catalogue, models
 from neuronbench.harness.zoo import build as zoo_build
 from neuronbench.harness.zoo import gguf as zoo_gguf
+from neuronbench.harness.engine.discovery import LMProposer, normalise
 from neuronbench.harness.engine.sites import Site
 
 
@@ -55,3 +56,9 @@ def test_smollm2_builds_loads_and_resolves_its_sites(isolated_home):
         logits = lm.model(**enc).logits
     assert logits.shape[-1] == 49_152 and torch.isfinite(logits).all()
     assert zoo_build.build("smollm2-135m", progress=False).cached
+
+    # As the descriptor generator: batched greedy few-shot completion gives short topic lists.
+    completions = LMProposer(lm, batch_size=2).complete(
+        ["a gripping thriller with real scares .", "the funniest comedy of the year .", "a dull mess ."])
+    topics = [normalise(c) for c in completions]
+    assert all(1 <= len(t) <= 8 for t in topics), completions
