@@ -53,7 +53,7 @@ from neuronbench.harness.engine.collect import CollectConfig
 from neuronbench.harness.engine.data import load, subsample
 from neuronbench.harness.engine.discovery import (Vocabulary, assign, cluster, make_embedder, make_proposer,
                                                   normalise, propose, sentence_means)
-from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, call_verb
+from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, Provides, call_verb
 from neuronbench.harness.engine.metrics import bootstrap_ci
 from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.tasks._planting import Planted, ffn_inputs, fit_detectors, plant_units
@@ -90,7 +90,7 @@ def parts(spec: TaskSpec) -> dict[str, datasets.Dataset]:
     corpus = load(spec.data, seed=spec.split_seed, fractions=(0.4, 0.3, 0.3))
     out = {}
     for name, split in (("discovery", "train"), ("calibration", "dev"), ("validation", "test")):
-        part = subsample(corpus.splits[split], int(spec.param("per_part")), spec.split_seed)
+        part = subsample(corpus.splits[split], int(dict(spec.params)["per_part"]), spec.split_seed)
         out[name] = datasets.Dataset.from_dict({"id": list(part["id"]), "text": list(part["text"]),
                                                 "words": [t.split() for t in part["text"]]})
     return out
@@ -208,7 +208,7 @@ def part_records(spec: TaskSpec, method: str, seed: int, part: str, answer, trut
         log.warning("%s: no %s neuron has a truth set; nothing to score", NAME, part)
         return out
     module, neurons = load_metric("neuron_precision_at_k"), list(truth)
-    ks = spec.param("ks")
+    ks = dict(spec.params)["ks"]
     shuffled = shuffled_at_k(answer, truth, ks, np.random.default_rng([seed, _SHUFFLE_STREAM]))
     for k in ks:
         res = module.compute(predictions=[list(answer.get(n, [])) for n in neurons],
@@ -230,9 +230,9 @@ def description_records(spec: TaskSpec, method: str, seed: int, part: str, answe
         return []
     res = load_metric("neuron_description").compute(
         predictions=[a.astype(np.float32) for a, _ in items], references=[y.astype(np.int8) for _, y in items],
-        metrics=spec.param("description_metrics"), active_fraction=spec.param("active_fraction"))
+        metrics=dict(spec.params)["description_metrics"], active_fraction=dict(spec.params)["active_fraction"])
     out = []
-    for metric in spec.param("description_metrics"):
+    for metric in dict(spec.params)["description_metrics"]:
         v = np.asarray(res[f"per_item_{metric}"])
         lo, hi = _interval(v, n_boot, seed)
         out.append(record(spec, method, f"{NAME}.{part}.desc_{metric}@1", float(v.mean()), seed, k=1.0,
@@ -243,14 +243,32 @@ def description_records(spec: TaskSpec, method: str, seed: int, part: str, answe
 def metric_sanity(spec: TaskSpec, unit_acts: np.ndarray, unit_present: np.ndarray, seed: int) -> dict:
     """metric -> {missing, extra, passed}: NeuronEval's label tests on the planted units."""
     out = {}
-    for metric in spec.param("description_metrics"):
+    for metric in dict(spec.params)["description_metrics"]:
         rates = description.sanity_pass_rates(unit_acts, unit_present, description.METRICS[metric], seed,
-                                              int(spec.param("sanity_trials")), spec.param("active_fraction"))
-        out[metric] = {**rates, "passed": float(min(rates.values()) >= spec.param("sanity_pass_rate"))}
+                                              int(dict(spec.params)["sanity_trials"]), dict(spec.params)["active_fraction"])
+        out[metric] = {**rates, "passed": float(min(rates.values()) >= dict(spec.params)["sanity_pass_rate"])}
     return out
 
 
-@register_task(SPEC)
+def _validation_truth(col, setup: _Setup, sites, index, rows: np.ndarray, threshold: float):
+    """Per `resid` neuron with a non-empty truth, its supported descriptors with validation d >=
+    `threshold` and its sentence activations; and the planted units' activations (S, P)."""
+    n_words = [len(w) for w in setup.valid["words"]]
+    present, names, planted = setup.present_v[rows], setup.vocab.names, setup.planted
+    data_truth, data_acts, unit_acts = {}, {}, None
+    for site in sites:
+        acts = sentence_means(np.asarray(col.dense_words[site]), setup.kept_v, n_words)[rows]  # (S, N)
+        if site == planted.site:
+            unit_acts = acts[:, list(planted.units)]
+            continue
+        passing = (cohen_d(acts, present) >= threshold) & setup.supported[:, None]  # (V, N)
+        for i in np.flatnonzero(passing.any(0)):
+            data_truth[index.offset(site) + int(i)] = {names[v] for v in np.flatnonzero(passing[:, i])}
+            data_acts[index.offset(site) + int(i)] = acts[:, i]
+    return data_truth, data_acts, unit_acts
+
+
+@register_task(SPEC, provides=Provides(labels=True))
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     """Discover the vocabulary and plant units (once per run), ask `method.descriptors` on the
     calibration part, score against the planted and validation truths."""
@@ -275,18 +293,8 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
                             cache=env.cache, progress=env.progress)
     rows = env.scoring_rows(len(setup.valid), None, spec.split_seed)
     present = setup.present_v[rows]
-    n_words = [len(w) for w in setup.valid["words"]]
-    index, data_truth, data_acts, out = ctx.index, {}, {}, []
-    for site in cfg.sites:
-        acts = sentence_means(np.asarray(col.dense_words[site]), setup.kept_v, n_words)[rows]  # (S, N)
-        if site == planted.site:
-            unit_acts = acts[:, list(planted.units)]
-            continue
-        d = cohen_d(acts, present)
-        for i in np.flatnonzero(((d >= p["d_threshold"]) & setup.supported[:, None]).any(0)):
-            data_truth[index.offset(site) + int(i)] = {names[v] for v in np.flatnonzero(
-                (d[:, i] >= p["d_threshold"]) & setup.supported)}
-            data_acts[index.offset(site) + int(i)] = acts[:, i]
+    index, out = ctx.index, []
+    data_truth, data_acts, unit_acts = _validation_truth(col, setup, cfg.sites, index, rows, float(p["d_threshold"]))
     planted_truth = {index.offset(planted.site) + u: {names[v] for v in s} for u, s in zip(planted.units, setup.sets)}
     planted_acts = {index.offset(planted.site) + u: unit_acts[:, j] for j, u in enumerate(planted.units)}
     unit_present = np.stack([present[:, list(s)].any(1) for s in setup.sets], 1)

@@ -1,7 +1,6 @@
-"""The recipes of the zoo's local entries, declared: how to fine-tune a classifier (`ClassifierHP`)
-how to train a language model's trajectory (`TrajectoryHP`), and which packaged GGUF file to convert
-(`PackagedHP`). The catalogue holds them in its
-entries; the builders (`harness.zoo.train`) follow them."""
+"""The recipes of the zoo's local entries, declared: how to fine-tune a classifier (`ClassifierHP`),
+how to train a language model's trajectory (`TrajectoryHP`) and which packaged GGUF file to convert
+(`PackagedHP`). The catalogue holds them in its entries; the builders (`harness.zoo`) follow them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
