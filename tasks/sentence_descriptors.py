@@ -9,13 +9,13 @@ all differ, and the word-level task stays a valid, comparable configuration.
 Design:
 - Data: the sentence corpus `data` is cut (split seed) 40/30/30 into discovery, calibration and
   validation parts, each subsampled to `per_part` sentences (generation on 2 CPU cores costs about
-  1.5 s a sentence). Words are the whitespace tokens.
+  1.9 s a sentence, measured). Words are the whitespace tokens.
 - Vocabulary: the generator (`generator`, few-shot completion, greedy, cached; see
-  `harness.discovery`) proposes topics for every sentence; the proposals of the *discovery* part
+  `harness.engine.discovery`) proposes topics for every sentence; the proposals of the *discovery* part
   are normalised and clustered by MiniLM embedding (`cluster_similarity`) into at most
   `max_vocabulary` descriptors proposed for at least `min_support` sentences. No method ever sees
   the discovery part. A calibration or validation sentence carries the descriptors its proposals
-  map to (`harness.discovery.assign`). The method is asked with the supported vocabulary: the
+  map to (`engine.discovery.assign`). The method is asked with the supported vocabulary: the
   descriptors carried by at least `min_positive` sentences of each of calibration and validation.
 - Method input: the calibration sentences (`text`, `words`; `word_descriptors`, each word
   inheriting its sentence's descriptors, only for methods that declare `Needs(labels=True)`), and
