@@ -82,6 +82,7 @@ def _summarise(col, model, seconds: float) -> None:
 
 
 def _collect(args) -> int:
+    from .engine import distributed
     from .engine.activations import collect_cached, save_collection
     from .engine.collect import CollectConfig
     from .engine.models import load_model
@@ -89,15 +90,24 @@ def _collect(args) -> int:
 
     if args.out:  # before any work, and never over a folder that is not an earlier collection
         check_output_dir(Path(args.out), COLLECTION, _is_collection)
-    model = load_model(args.model)  # errors on a bad model before anything is written
+    ranks = distributed.init()  # under torchrun / accelerate launch: each rank collects a share
+    placement = _placement(args)
+    if placement is not None and ranks is not None:
+        raise ValueError("--device-map spreads one model over this machine's devices: launch it as one "
+                         "process, not under torchrun / accelerate launch")
+    model = load_model(args.model, placement=placement)  # errors on a bad model before anything is written
     corpus, ds = _load_split(args.data, args.split, args.limit, args.seed, _read_options(args))
     cfg = CollectConfig(sites=model.sites(args.sites), stats=tuple(args.stats.split(",")),
                         max_tokens=args.max_tokens, alignment=args.alignment, topk=args.topk)
     start = time.perf_counter()
-    col, hit = collect_cached(model, ds, cfg, data_id=f"{corpus.fingerprint}:{args.split}:{args.limit}",
-                              label_names=corpus.label_names)
+    with distributed.collective(ranks):
+        col, hit = collect_cached(model, ds, cfg, data_id=f"{corpus.fingerprint}:{args.split}:{args.limit}",
+                                  label_names=corpus.label_names, progress=ranks is None or ranks.is_main)
     seconds = time.perf_counter() - start
-    print(f"{'cache hit' if hit else 'collected'}: {args.model} on {args.data}/{args.split}")
+    if ranks is not None and not ranks.is_main:
+        return 0
+    print(f"{'cache hit' if hit else 'collected'}: {args.model} on {args.data}/{args.split}"
+          + (f" by {ranks.world_size} ranks" if ranks is not None and not hit else ""))
     _summarise(col, model, seconds)
     if args.out:
         out = Path(args.out)
@@ -117,6 +127,23 @@ def _is_collection(folder: Path) -> bool:
     # A `collect --out` folder written before folders were stamped (see paths.atomic_dir).
     return {p.name for p in folder.iterdir()} <= {"meta.json", "stats.safetensors"} | {
         p.name for p in folder.glob("*.npy")} and (folder / "meta.json").is_file()
+
+
+def _placement(args):
+    """The `--device-map` options as a `models.Placement`, or None."""
+    from .engine.models import Placement
+
+    if not args.device_map:
+        return None
+    memory = None
+    if args.max_memory:
+        memory = {}
+        for part in args.max_memory.split(","):
+            device, sep, amount = part.partition("=")
+            if not sep:
+                raise ValueError(f"--max-memory {args.max_memory!r}: write DEVICE=AMOUNT,... e.g. 0=70GiB,cpu=200GiB")
+            memory[int(device) if device.isdigit() else device] = amount
+    return Placement(args.device_map, memory, args.offload_folder)
 
 
 def _versions() -> dict:
@@ -147,14 +174,20 @@ def _run(args) -> int:
     from .suite.report import text_table
     from .suite.runner import RunConfig, check_run_out, resume_config, run_suite, summary
 
+    from .engine import distributed
+
+    ranks = distributed.init()  # under torchrun / accelerate launch: the ranks share the work
     if args.resume:
         config = resume_config(Path(args.resume))
     else:
         config = RunConfig(tasks=tuple(args.tasks or ()), methods=tuple(args.methods or ()), model=args.model,
-                           quick=args.quick, seed=args.seed, out=args.out, item_timeout=args.item_timeout)
+                           quick=args.quick, seed=args.seed, out=args.out, item_timeout=args.item_timeout,
+                           parallel=args.parallel)
         check_run_out(Path(config.out))
     start = time.perf_counter()
     frame, record = run_suite(config, resume=bool(args.resume))
+    if ranks is not None and not ranks.is_main:
+        return 0
     print(text_table(summary(frame)))
     print(f"{len(frame)} records in {time.perf_counter() - start:.0f} s; written to {config.out}/"
           f"{{results.parquet,config.json}}")
@@ -287,6 +320,10 @@ def _add_engine_parsers(sub) -> None:
     p.add_argument("--alignment", default="last", choices=("first", "last", "mean"))
     p.add_argument("--topk", type=positive_int, default=10, help="top activating examples kept per neuron")
     p.add_argument("--out", help="folder to write the statistics to")
+    p.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                   help="spread a model too large for one device over the GPUs, CPU and disk (accelerate)")
+    p.add_argument("--max-memory", help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    p.add_argument("--offload-folder", help="with --device-map: folder for weights that fit on no device")
     p.set_defaults(fn=_collect)
     p = sub.add_parser("bench", help="speed benchmarks")
     bsub = p.add_subparsers(dest="what", required=True)
@@ -316,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record a (task, method) item that takes longer as an error and go on")
     p.add_argument("--resume", metavar="DIR",
                    help="continue the killed or failed run in DIR with its own settings (other options ignored)")
+    p.add_argument("--parallel", choices=("items", "data"), default="items",
+                   help="under torchrun/accelerate launch: split the (task, method) items across ranks "
+                        "(items), or run each item on all ranks with its data split (data)")
     p.set_defaults(fn=_run)
     p = sub.add_parser("methods", help="list the registered methods and their verbs")
     p.set_defaults(fn=_methods)
@@ -347,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LAUNCHABLE = ("collect", "run")  # the verbs that share their work across launched ranks
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (2: an error, reported in one line; -v: traceback)."""
     args = build_parser().parse_args(argv)
@@ -357,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()  # "Flattening the indices" bars flooded every run's output
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .engine import distributed
+
+    if distributed.launched() and args.verb not in LAUNCHABLE:
+        print(f"neuronbench: error: `neuronbench {args.verb}` runs in one process; only "
+              f"{' and '.join(LAUNCHABLE)} split their work under torchrun / accelerate launch", file=sys.stderr)
+        return 2
     try:
         return args.fn(args)
     except BrokenPipeError:  # output piped into head & co.
@@ -364,11 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("neuronbench: interrupted", file=sys.stderr)
         return 130
+    except distributed.RankFailure as err:  # every rank raises it; rank 0 reports
+        if distributed.current() is None or distributed.current().is_main:
+            print(f"neuronbench: error: {err}", file=sys.stderr)
+        return 1
     except Exception as err:  # noqa: BLE001 - no traceback reaches a user without -v
         if args.verbose:
             traceback.print_exc()
         print(f"neuronbench: error: {error_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        distributed.close()
 
 
 # Errors whose message is written for users (the library raises them with the fix); any other class

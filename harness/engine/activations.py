@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .cache import Cache, data_fingerprint
+from . import distributed
+from .cache import Cache, Entry, data_fingerprint
 from .collect import CollectConfig, Collection, SiteStats, collect
 from .models import LoadedModel, tokenizer_fingerprint
 from .sites import NeuronIndex, Site
@@ -96,12 +98,14 @@ def collect_cached(model: LoadedModel, dataset, cfg: CollectConfig, *, data_id: 
     cache = cache or Cache()
     parts = cache_parts(model, dataset, cfg, data_id, label_names)
 
-    def write(folder: Path) -> dict:
-        col = collect(model, dataset, cfg, label_names, dense_dir=folder if cfg.dense_words else None,
-                      progress=progress)
-        return save_collection(col, folder)
+    def run(folder: Path) -> Collection:
+        return collect(model, dataset, cfg, label_names, dense_dir=folder if cfg.dense_words else None,
+                       progress=progress)
 
-    entry, hit = cache.get_or_put(parts, write)
+    if distributed.active() is not None:
+        entry, hit = _get_or_put_across_ranks(cache, parts, run)
+    else:
+        entry, hit = cache.get_or_put(parts, lambda folder: save_collection(run(folder), folder))
     if hit:
         log.info("cache hit %s for %s", entry.key, model.name)
         try:
@@ -110,3 +114,28 @@ def collect_cached(model: LoadedModel, dataset, cfg: CollectConfig, *, data_id: 
             cache.remove(entry.key, f"{type(err).__name__}: {err}")
             entry, hit = cache.get_or_put(parts, write)
     return load_collection(entry.path, model.device), hit
+
+
+def _get_or_put_across_ranks(cache: Cache, parts: dict, run: Callable[[Path], Collection]) -> tuple[Entry, bool]:
+    """`cache.get_or_put` inside `distributed.collective`: rank 0 decides hit or miss for all; on a
+    miss every rank collects its share into rank 0's temporary folder (named to the others), rank 0
+    writes the entry atomically, and every rank reads it (the cache must be on a filesystem every
+    rank sees: one node, or shared storage)."""
+    ranks = distributed.active()
+    key = cache.key(parts)
+    hit = distributed.broadcast_object(cache.get(key) is not None if ranks.is_main else None)
+    if not hit:
+        if ranks.is_main:
+            def announce_and_write(folder: Path) -> dict:
+                distributed.broadcast_object(str(folder))
+                return save_collection(run(folder), folder)
+
+            cache.put(key, announce_and_write, parts)
+        else:
+            run(Path(distributed.broadcast_object(None)))
+        distributed.barrier()  # the entry is complete before any rank reads it
+    entry = cache.get(key)
+    if entry is None:
+        raise FileNotFoundError(f"rank {ranks.rank} cannot see cache entry {key} in {cache.root} that rank 0 "
+                                "wrote: put $NEURONBENCH_HOME on storage every rank shares")
+    return entry, hit

@@ -118,7 +118,7 @@ class Cache:
                         files=[{"name": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
                                for p in sorted(tmp.iterdir()) if p.name != META])
             paths.atomic_write_json(tmp / META, meta)
-        return Entry(key, self.root / key, meta)
+        return Entry(key, self.root / key, json.loads((self.root / key / META).read_text()))
 
     def get_or_put(self, parts: dict, write: Callable[[Path], dict]) -> tuple[Entry, bool]:
         """The entry for `parts`, creating it on a miss. Returns (entry, hit)."""

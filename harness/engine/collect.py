@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import resource
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import fused, fused_cuda
+from . import distributed, fused, fused_cuda
 from .batching import ALIGNMENTS, Batch, Encoded, encode, make_batch, plan_batches
 from .hooks import site_hooks
 from .models import LoadedModel
@@ -139,12 +141,14 @@ class _SiteCollector:
         self.dense: np.ndarray | None = None
         self.use_fused = cfg.fused
         self.chunks = 4 * torch.get_num_threads()
+        self.device = device
 
     def __call__(self, acts_BTN: torch.Tensor) -> None:
         batch, st = self.batch, self.stats
         # (R, N) in the model's dtype (bf16 under CUDA autocast): every reduction below accumulates
-        # in float32 or better without first materialising a float32 copy.
-        acts = acts_BTN.detach().reshape(-1, acts_BTN.shape[-1])
+        # in float32 or better without first materialising a float32 copy. A model dispatched over
+        # devices runs this layer where it sits; the statistics stay on the model's input device.
+        acts = acts_BTN.detach().reshape(-1, acts_BTN.shape[-1]).to(self.device)
         if st.labels is not None:
             view = batch.view
             st.labels.update(_label_sums(view, acts), view.label_weight.sum(1))
@@ -238,17 +242,21 @@ def _autocast(device: torch.device):
 
 
 def run_batches(model: LoadedModel, enc: Encoded, cfg: CollectConfig, on_batch, num_labels: int = 0,
-                word_offsets: list[int] | None = None, progress: bool = True, desc: str = "collect") -> int:
+                word_offsets: list[int] | None = None, progress: bool = True, desc: str = "collect",
+                batches: list[list[int]] | None = None) -> int:
     """Forward every batch of `enc` through the model, calling `on_batch(batch)` before each pass.
 
+    `batches` (example indices per batch) defaults to `plan_batches` over all of `enc`.
     Returns the number of real (non-pad) tokens processed.
     """
     device = model.device
-    batches = plan_batches([len(x) for x in enc.input_ids], cfg.max_tokens, cfg.max_batch)
+    if batches is None:
+        batches = plan_batches([len(x) for x in enc.input_ids], cfg.max_tokens, cfg.max_batch)
+    total = sum(len(enc.input_ids[i]) for b in batches for i in b)
     pad_id = model.tokenizer.pad_token_id
     seen = 0
     with torch.inference_mode(), _autocast(device), \
-            tqdm(total=enc.n_tokens, unit="tok", desc=desc, disable=not progress, leave=False) as bar:
+            tqdm(total=total, unit="tok", desc=desc, disable=not progress, leave=False) as bar:
         for indices in batches:
             batch = make_batch(enc, indices, pad_id, cfg.alignment, num_labels, word_offsets, device)
             on_batch(batch)
@@ -286,31 +294,75 @@ def collect(model: LoadedModel, dataset, cfg: CollectConfig, label_names: tuple[
 def collect_encoded(model: LoadedModel, enc: Encoded, cfg: CollectConfig,
                     label_names: tuple[str, ...] | None = None, dense_dir: Path | None = None,
                     progress: bool = True) -> Collection:
-    """`collect` on already tokenised examples (see `batching.encode`)."""
+    """`collect` on already tokenised examples (see `batching.encode`).
+
+    Inside `distributed.collective`, each rank forwards its share of the length-sorted batches and
+    the statistics are reduced across ranks (every rank returns the whole collection; the dense
+    word matrices, in a folder every rank sees, get each rank's rows).
+    """
+    ranks = distributed.active()
     num_labels = _num_labels(enc, label_names) if "labels" in cfg.stats else 0
     index = NeuronIndex.build({s: model.width(s) for s in cfg.sites})
     collectors = {s: _SiteCollector(index.width(s), cfg, num_labels, model.device) for s in cfg.sites}
     word_offsets = None
     if cfg.dense_words:
-        if dense_dir is None:
-            raise ValueError("dense_words=True needs dense_dir, the folder to write the matrices to")
-        word_offsets = np.concatenate([[0], np.cumsum(enc.n_words)[:-1]]).tolist()
-        total = int(sum(enc.n_words))
-        Path(dense_dir).mkdir(parents=True, exist_ok=True)
-        for site, c in collectors.items():
-            c.dense = np.lib.format.open_memmap(Path(dense_dir) / f"{site}.npy", mode="w+",
-                                                dtype=np.float16, shape=(total, index.width(site)))
+        word_offsets = _open_dense(collectors, index, enc, dense_dir, ranks)
+    batches = plan_batches([len(x) for x in enc.input_ids], cfg.max_tokens, cfg.max_batch)
+    if ranks is not None:
+        batches = ranks.share(batches)
 
     def on_batch(batch: Batch) -> None:
         for c in collectors.values():
             c.batch = batch
 
+    start = time.perf_counter()
     with site_hooks(model.model, dict(collectors)):
-        n_tokens = run_batches(model, enc, cfg, on_batch, num_labels, word_offsets, progress)
+        n_tokens = run_batches(model, enc, cfg, on_batch, num_labels, word_offsets, progress, batches=batches)
     dense = {}
     for site, c in collectors.items():
         if c.dense is not None:
             c.dense.flush()
             dense[site] = c.dense
-    return Collection(index, {s: c.stats for s, c in collectors.items()}, n_tokens, len(enc),
-                      label_names, dense, meta={"truncated": enc.truncated})
+    col = Collection(index, {s: c.stats for s, c in collectors.items()}, n_tokens, len(enc), label_names,
+                     dense, meta={"truncated": enc.truncated})
+    if ranks is not None:
+        _reduce_across(col, ranks, sum(len(b) for b in batches), time.perf_counter() - start)
+    return col
+
+
+def _reduce_across(col: Collection, ranks: distributed.Ranks, examples: int, seconds: float) -> None:
+    """Reduce a rank's share into the whole collection, in place, and record in `col.meta` each
+    rank's examples, tokens, seconds collecting and reducing (waiting for the others included)
+    and peak RSS."""
+    share = {"rank": ranks.rank, "examples": examples, "tokens": col.n_tokens, "collect_s": round(seconds, 4),
+             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    start = time.perf_counter()
+    distributed.reduce_stats([col.sites[s] for s in col.index.sites])
+    share["reduce_s"] = round(time.perf_counter() - start, 4)
+    shares = distributed.gather_objects(share)
+    col.n_tokens = sum(x["tokens"] for x in shares)
+    col.meta["distributed"] = {"world_size": ranks.world_size, "backend": torch.distributed.get_backend(),
+                               "ranks": shares}
+
+
+def _open_dense(collectors: dict[Site, _SiteCollector], index: NeuronIndex, enc: Encoded,
+                dense_dir: Path | None, ranks: distributed.Ranks | None) -> list[int]:
+    """Create the float16 word matrices (one `.npy` per site) and return each example's first word
+    row. With ranks, rank 0 creates the files and the others open them to write their own rows."""
+    if dense_dir is None:
+        raise ValueError("dense_words=True needs dense_dir, the folder to write the matrices to")
+    word_offsets = np.concatenate([[0], np.cumsum(enc.n_words)[:-1]]).tolist()
+    total = int(sum(enc.n_words))
+    creator = ranks is None or ranks.is_main
+    if creator:
+        Path(dense_dir).mkdir(parents=True, exist_ok=True)
+        for site, c in collectors.items():
+            c.dense = np.lib.format.open_memmap(Path(dense_dir) / f"{site}.npy", mode="w+",
+                                                dtype=np.float16, shape=(total, index.width(site)))
+            c.dense.flush()
+    if ranks is not None:
+        distributed.barrier()
+    if not creator:
+        for site, c in collectors.items():
+            c.dense = np.load(Path(dense_dir) / f"{site}.npy", mmap_mode="r+")
+    return word_offsets

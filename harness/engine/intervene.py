@@ -6,12 +6,14 @@ and seeds costs far fewer passes than one pass per mask.
 """
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
+from . import distributed
 from .batching import Batch, encode, make_batch, plan_batches
 from .collect import _autocast
 from .hooks import site_hooks
@@ -63,7 +65,7 @@ def ablate(model: LoadedModel, neurons: dict[Site, torch.Tensor], mode: str = "z
 
     def make(site: Site):
         def fn(acts: torch.Tensor) -> torch.Tensor:
-            return torch.where(masks[site], fills[site].to(acts.dtype), acts)
+            return torch.where(masks[site].to(acts.device), fills[site].to(acts.device, acts.dtype), acts)
         return fn
 
     with site_hooks(model.model, {s: make(s) for s in neurons}):
@@ -94,9 +96,9 @@ def _fill_masked(state: dict, fills: dict[Site, torch.Tensor],
     """A hook for `site` that writes its fill value into the neurons each copy's mask ablates; the
     masks of the copies in the batch (Kg, N) are read from `state["mask"][site]` at call time."""
     def fn(acts: torch.Tensor) -> torch.Tensor:
-        kg = state["mask"][site]  # (Kg, N)
+        kg = state["mask"][site].to(acts.device)  # (Kg, N); a dispatched model's layer may sit elsewhere
         shaped = acts.view(kg.shape[0], -1, *acts.shape[1:])  # (Kg, B, T, N)
-        return torch.where(kg[:, None, None, :], fills[site].to(acts.dtype), shaped).view_as(acts)
+        return torch.where(kg[:, None, None, :], fills[site].to(acts.device, acts.dtype), shaped).view_as(acts)
     return fn
 
 
@@ -129,7 +131,7 @@ def evaluate_masks(model: LoadedModel, dataset, masks: MaskSet,
     state: dict[str, dict[Site, torch.Tensor]] = {}
     hooks = {s: _fill_masked(state, fills, s) for s in masks.masks}
     results: list[torch.Tensor] = [None] * len(enc)  # type: ignore[list-item]
-    batches = plan_batches(lengths, max(1, max_tokens // per_group), 256)
+    batches = _share(plan_batches(lengths, max(1, max_tokens // per_group), 256), masks)
     with torch.inference_mode(), _autocast(model.device), site_hooks(model.model, hooks):
         for indices in batches:
             batch = make_batch(enc, indices, model.tokenizer.pad_token_id, device=model.device)
@@ -144,7 +146,38 @@ def evaluate_masks(model: LoadedModel, dataset, masks: MaskSet,
             full = torch.cat(outs, 0)  # (K, B, ...)
             for b, i in enumerate(indices):
                 results[i] = full[:, b]
-    return torch.stack(results, 1)
+    return torch.stack(_gathered(results), 1)
+
+
+def _share(batches: list[list[int]], masks: MaskSet) -> list[list[int]]:
+    """Inside `distributed.collective`, this rank's share of the batches (every rank runs every
+    mask on its share of the same batches); otherwise all of them."""
+    ranks = distributed.active()
+    if ranks is None:
+        return batches
+    _check_same_masks(masks)
+    return ranks.share(batches)
+
+
+def _gathered(results: list) -> list:
+    """Inside `distributed.collective`, every rank's per-example results filled in; else `results`."""
+    if distributed.active() is not None:
+        for part in distributed.gather_objects({i: r for i, r in enumerate(results) if r is not None}):
+            for i, r in part.items():
+                results[i] = r
+    return results
+
+
+def _check_same_masks(masks: MaskSet) -> None:
+    """Ranks splitting one evaluation must hold the same masks (their methods answered alike)."""
+    h = hashlib.sha256()
+    for site in sorted(masks.masks):
+        h.update(str(site).encode())
+        h.update(masks.masks[site].cpu().numpy().tobytes())
+    digests = distributed.gather_objects(h.hexdigest())
+    if len(set(digests)) > 1:
+        raise ValueError(f"ranks disagree on the masks to evaluate (digests {digests}): a method answered "
+                         "differently on different ranks; run with --parallel items, or make it deterministic")
 
 
 def gold_label_scores(out, batch: Batch, labels: torch.Tensor) -> torch.Tensor:

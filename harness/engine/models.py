@@ -117,7 +117,20 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs and statistics go: the first parameter's device, or for a model dispatched
+        with `device_map` the device of its first module (offloaded parts run on the CPU)."""
+        placed = getattr(self.model, "hf_device_map", None)
+        if placed:
+            first = next(iter(placed.values()))
+            return torch.device("cpu" if first in ("cpu", "disk") else
+                                f"cuda:{first}" if isinstance(first, int) else first)
         return next(self.model.parameters()).device
+
+    @property
+    def dispatched(self) -> bool:
+        """True when `device_map` spread the model over devices or offloaded part of it."""
+        placed = getattr(self.model, "hf_device_map", None) or {}
+        return len(set(placed.values())) > 1 or "disk" in placed.values()
 
     def sites(self, spec: str = "all") -> tuple[Site, ...]:
         """All sites matching `spec` (`ffn`, `resid`, `all`, `ffn.0,resid.2`), checked against the model."""
@@ -130,13 +143,21 @@ class LoadedModel:
         return site_width(self.model, site)
 
     def to(self, device: str | torch.device) -> "LoadedModel":
+        if self.dispatched:
+            raise ValueError(f"model {self.name!r} was dispatched with device_map "
+                             f"({sorted(set(map(str, self.model.hf_device_map.values())))}); load it "
+                             "without device_map to move it to one device")
         self.model.to(torch.device(device))
         return self
 
     def fingerprint(self) -> str:
-        """Content hash of the weights and config (or the hub revision when one was resolved)."""
+        """Content hash of the weights and config (or the hub revision when one was resolved); for
+        a model with offloaded weights (not in memory), of its checkpoint files instead."""
         if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model, self.revision)
+            if self.revision is None and any(p.device.type == "meta" for p in self.model.parameters()):
+                self._fingerprint = files_fingerprint(self.model, Path(self.source))
+            else:
+                self._fingerprint = model_fingerprint(self.model, self.revision)
         return self._fingerprint
 
 
@@ -194,6 +215,23 @@ def model_fingerprint(model: nn.Module, revision: str | None = None) -> str:
             t = tensor.detach().contiguous().cpu()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def files_fingerprint(model: nn.Module, folder: Path) -> str:
+    """Hash of the config and the weight files of a local model folder (read in 16 MiB blocks)."""
+    files = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")])
+    if not files:
+        raise ValueError(f"cannot fingerprint the offloaded weights of {folder}: no *.safetensors or *.bin "
+                         "files there; load it from a local folder or a hub revision")
+    h = hashlib.sha256(b"files")
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "_commit_hash")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for path in files:
+        h.update(path.name.encode())
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 24):
+                h.update(block)
     return h.hexdigest()[:16]
 
 
@@ -288,20 +326,24 @@ def _load_config(name: str, source: str, revision: str | None):
 
 
 def load_model(name: str, kind: str = "auto", device: str | torch.device | None = None,
-               revision: str | None = None) -> LoadedModel:
+               revision: str | None = None, placement: Placement | None = None) -> LoadedModel:
     """Load a model and its tokenizer by alias, hub id or local folder.
 
     Args:
         name: an alias (`neuronbench models` lists them), a hub id, or a local folder.
         kind: `auto` (from the config's architectures), `base`, `causal-lm` or `classifier`.
-        device: where to put it; default CUDA when present, else CPU.
+        device: where to put it; default CUDA when present, else CPU. Not with `placement`.
         revision: hub revision (branch, tag or commit) for hub ids.
+        placement: spread a model too large for one device over several (accelerate's big-model
+            inference); site hooks resolve on the dispatched modules as on any other.
 
     Returns:
         The loaded model in eval mode.
     """
     from transformers import AutoTokenizer
 
+    if placement is not None and device is not None:
+        raise ValueError("pass either device or placement (device_map), not both")
     source, zoo_revision = resolve_ref(name)
     revision = revision or zoo_revision
     config = _load_config(name, source, revision)
@@ -310,7 +352,8 @@ def load_model(name: str, kind: str = "auto", device: str | torch.device | None 
                          f"cannot hook; supported: {', '.join(sorted(ARCHS))}")
     kind, auto = _auto_class(kind, config)
     try:
-        model = auto.from_pretrained(source, revision=revision).eval()
+        model = auto.from_pretrained(source, revision=revision,
+                                     **(placement.kwargs() if placement else {})).eval()
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"cannot load model {name!r} from {source}: {type(err).__name__}: "
@@ -319,6 +362,9 @@ def load_model(name: str, kind: str = "auto", device: str | torch.device | None 
     check_tokenizer(tokenizer, model, name, source)
     loaded = LoadedModel(model, prepare_tokenizer(tokenizer), name, source, kind,
                          revision=getattr(config, "_commit_hash", None) if revision else None)
+    if placement is not None:
+        log.info("%s dispatched: %s", name, getattr(model, "hf_device_map", None))
+        return loaded
     return loaded.to(device) if device is not None else loaded.to(default_device())
 
 
@@ -350,6 +396,31 @@ def check_tokenizer(tokenizer, model: nn.Module, name: str, source: str) -> None
     raise ValueError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the model has {rows} "
                      f"embeddings, so most words would become unknown tokens. {where}: save the tokenizer "
                      "beside the model (tokenizer.save_pretrained(folder))")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where `load_model` puts the parts of a model that does not fit one device (passed to
+    `from_pretrained`; needs `accelerate`).
+
+    Attributes:
+        device_map: `auto`, `balanced`, `balanced_low_0`, `sequential`, or a module -> device dict.
+        max_memory: per device (`0`, `1`, ..., `cpu`) the memory it may use, e.g. {0: "70GiB",
+            "cpu": "200GiB"}; default: what is free.
+        offload_folder: where weights that fit nowhere go (`disk` in the map).
+    """
+
+    device_map: str | dict = "auto"
+    max_memory: dict | None = None
+    offload_folder: str | None = None
+
+    def kwargs(self) -> dict:
+        out: dict = {"device_map": self.device_map}
+        if self.max_memory is not None:
+            out["max_memory"] = self.max_memory
+        if self.offload_folder is not None:
+            out["offload_folder"] = self.offload_folder
+        return out
 
 
 def prepare_tokenizer(tokenizer):

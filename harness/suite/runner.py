@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ..engine import paths
+from ..engine import distributed, paths
 from ..engine.cache import Cache
 from ..engine.method import METHODS, Method, get_method, not_applicable
 from ..engine.records import RESULTS, Record, headline_table, save_results, to_frame, utc_stamp
@@ -36,6 +36,10 @@ class RunConfig:
             scorer's secret seed, passed to `run_suite` and never written anywhere).
         item_timeout: seconds one (task, method) item may take before it is recorded as an error
             (None: no limit).
+        parallel: under a launcher (`torchrun`, `accelerate launch`): `items` splits the (task,
+            method) items across ranks, `data` runs every item on all ranks with each item's
+            collection and mask evaluation split across them (see `distributed.map_items`).
+            Ignored in a plain process.
     """
 
     tasks: tuple[str, ...] = ()
@@ -46,6 +50,7 @@ class RunConfig:
     out: str | None = None
     split: str = "public"
     item_timeout: float | None = None
+    parallel: str = "items"
 
     def __post_init__(self) -> None:
         if self.item_timeout is not None and not self.item_timeout > 0:
@@ -111,35 +116,72 @@ def run_suite(config: RunConfig, progress: bool = True, hidden_seed: int | None 
     methods = [get_method(n) for n in method_names]
     env = RunEnv(seed=config.seed, quick=config.quick, cache=Cache(), progress=progress,
                  split=config.split, hidden_seed=hidden_seed)
-    journal = _open_journal(config, resume)
+    ranks = distributed.current()
+    journal = _open_journal(config, resume) if ranks is None or ranks.is_main else None  # rank 0 journals
+    items = [(task, resolve_spec(task, config), method) for task in tasks for method in methods]
+    finished = {_name(it): o for it in items if journal and (o := journal.finished(_name(it), it[1].fingerprint()))}
     run_id = journal.header["run_id"] if journal else uuid.uuid4().hex[:12]
+    if ranks is not None:
+        run_id, finished = distributed.broadcast_object((run_id, finished))
+    shown = progress and (ranks is None or ranks.is_main or config.parallel == "items")
+    tag = f"[rank {ranks.rank}] " if ranks is not None and config.parallel == "items" else ""
+
+    def one(it) -> Outcome:
+        if _name(it) in finished:
+            return finished[_name(it)]
+        task, spec, method = it
+        outcome, trace = _run_item(task, spec, method, env, config.item_timeout,
+                                   f"{tag}[{spec.name}] {method.name} ..." if shown else None)
+        if journal:
+            journal.add(_name(it), spec.fingerprint(), outcome, trace)
+        return outcome
+
+    outcomes = distributed.map_items(items, one, label=_name, parallel=config.parallel,
+                                     prepare=lambda: _build_models(items, env))
+    owner = distributed.owners(len(items), ranks, config.parallel)
     records: list[Record] = []
     timings, errors = {}, {}
-    for task in tasks:
-        spec = resolve_spec(task, config)
-        for method in methods:
-            item = f"{spec.name}/{method.name}"
-            outcome = journal.finished(item, spec.fingerprint()) if journal else None
-            if outcome is None:
-                outcome, trace = _run_item(task, spec, method, env, config.item_timeout,
-                                           f"[{task.spec.name}] {method.name} ..." if progress else None)
-                if journal:
-                    journal.add(item, spec.fingerprint(), outcome, trace)
-            records.extend(outcome.records)
-            timings[item] = outcome.seconds
-            if outcome.error:
-                errors[item] = outcome.error
+    for it, outcome, rank in zip(items, outcomes, owner):
+        if journal and rank not in (None, 0) and _name(it) not in finished:  # another rank ran it
+            journal.add(_name(it), it[1].fingerprint(), outcome, None)
+        records.extend(outcome.records)
+        timings[_name(it)] = outcome.seconds
+        if outcome.error:
+            errors[_name(it)] = outcome.error if rank is None else f"rank {rank}: {outcome.error}"
     specs = {t.spec.name: asdict(resolve_spec(t, config)) for t in tasks}
     record_config = {"run_id": run_id, "created": utc_stamp(),
                      "config": asdict(config), "tasks": specs,
                      "fingerprints": {n: resolve_spec(TASKS.get(n), config).fingerprint() for n in task_names},
                      "methods": [m.name for m in methods], "seconds": timings, "errors": errors,
                      "not_applicable": dict(env.not_applicable)}
+    if ranks is not None:
+        record_config["distributed"] = _ranks_record(items, ranks, config.parallel)
+        record_config["not_applicable"] = {k: v for part in distributed.gather_objects(env.not_applicable)
+                                           for k, v in part.items()}
     frame = to_frame(records, run_id)
-    if config.out:
+    if config.out and journal:
         save_results(frame, record_config, Path(config.out))
         journal.close(keep=bool(errors))
     return frame, record_config
+
+
+def _name(item) -> str:
+    """A (task, spec, method) item's name, `task/method`."""
+    return f"{item[1].name}/{item[2].name}"
+
+
+def _ranks_record(items, ranks: distributed.Ranks, parallel: str) -> dict:
+    """How a launched run shared its items: world size, mode, and the rank of each item (None: all)."""
+    owner = distributed.owners(len(items), ranks, parallel)
+    return {"world_size": ranks.world_size, "parallel": parallel,
+            "rank_of": {_name(it): r for it, r in zip(items, owner)}}
+
+
+def _build_models(items, env: RunEnv) -> None:
+    """Build the zoo entries the items need before ranks split them: two ranks must never build
+    one entry at the same time."""
+    for name in dict.fromkeys(n for _, spec, _ in items for n in (spec.model, spec.parent) if n):
+        env.build(name)
 
 
 def _run_item(task: Task, spec: TaskSpec, method: Method, env: RunEnv, timeout_s: float | None,

@@ -171,12 +171,16 @@ class RunEnv:
     def model(self, name: str) -> LoadedModel:
         """Load (once per run) the model `name`, building its zoo entry first if it is missing."""
         if name not in self._models:
-            base = catalogue.ModelRef.parse(name).name
-            if base in {spec.name for spec in catalogue.entries()}:
-                if catalogue.get_spec(base).kind != "hub" and not catalogue.status(base).built:
-                    build(base, progress=self.progress)
+            self.build(name)
             self._models[name] = load_model(name)
         return self._models[name]
+
+    def build(self, name: str) -> None:
+        """Build the zoo entry behind `name` if it is one and is missing (no-op otherwise)."""
+        base = catalogue.ModelRef.parse(name).name
+        if base in {spec.name for spec in catalogue.entries()}:
+            if catalogue.get_spec(base).kind != "hub" and not catalogue.status(base).built:
+                build(base, progress=self.progress)
 
 
 SPLITS = ("public", "hidden")

@@ -71,3 +71,9 @@ def test_models_and_methods_listings(capsys):
     assert main(["models"]) == 0 and "minilm" in capsys.readouterr().out
     assert main(["models", "minilm"]) == 0 and "resid.5" in capsys.readouterr().out
     assert main(["methods"]) == 0 and "txray" in capsys.readouterr().out
+
+
+def test_a_verb_that_runs_in_one_process_refuses_a_launcher(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["cache", "ls"]) == 2
+    assert "runs in one process" in capsys.readouterr().err

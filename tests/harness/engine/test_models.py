@@ -183,3 +183,39 @@ def test_packaged_minilm_loads_offline_with_its_sites():
     model = load_model("minilm", device="cpu")
     assert model.config.model_type == "bert" and model.num_layers == 6
     assert model.width(Site.ffn(5)) == 1536 and model.width(Site.resid(0)) == 384
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_device_map_offload_keeps_hooks_statistics_and_ablations(tmp_path, sentence_data, arch):
+    """accelerate's big-model dispatch on CPU: a `max_memory` below the model's size keeps the first
+    modules in memory and offloads the rest to disk (weights on the meta device, loaded by hooks at
+    each forward); collection and masked evaluation hook the dispatched modules and match the plain model."""
+    from neuronbench.harness.engine.collect import CollectConfig, collect
+    from neuronbench.harness.engine.intervene import MaskSet, evaluate_masks
+
+    folder = tmp_path / "model"
+    source = tiny_model(arch, layers=4, tokenizer=tiny_tokenizer(cls_sep=arch == "bert"))
+    source.model.save_pretrained(folder)
+    source.tokenizer.save_pretrained(folder)
+    size = sum(p.numel() * p.element_size() for p in source.model.parameters())
+    plain = load_model(str(folder), device="cpu")
+    split = load_model(str(folder), placement=models.Placement(max_memory={"cpu": size // 2},
+                                                               offload_folder=str(tmp_path / "offload")))
+    assert split.dispatched and {"cpu", "disk"} <= set(split.model.hf_device_map.values())
+    assert any(p.device.type == "meta" for p in split.model.parameters()) and split.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="device_map"):
+        split.to("cpu")
+    assert len(split.fingerprint()) == 16 and split.fingerprint() == split.fingerprint()
+
+    cfg = CollectConfig(sites=plain.sites("all"), stats=("moments", "topk", "max1"))
+    want, got = collect(plain, sentence_data, cfg, progress=False), collect(split, sentence_data, cfg, progress=False)
+    for site in cfg.sites:
+        torch.testing.assert_close(got[site].moments.mean, want[site].moments.mean)
+        torch.testing.assert_close(got[site].topk.values, want[site].topk.values)
+        assert torch.equal(got[site].topk.example_ids, want[site].topk.example_ids)
+    ffn = plain.sites("ffn")
+    sets = [{}, {ffn[0]: torch.arange(8)}, {ffn[-1]: torch.arange(32)}]
+    last = (lambda out, batch: out.last_hidden_state[:, 1])  # first real token, every model kind
+    scores = [evaluate_masks(m, sentence_data, MaskSet.from_sets(m, sets), last) for m in (plain, split)]
+    torch.testing.assert_close(scores[1], scores[0])
+    assert not torch.allclose(scores[0][0], scores[0][2])  # the ablations took effect
