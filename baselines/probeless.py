@@ -9,20 +9,20 @@ from neuronbench.harness.engine.method import Method, MethodContext, Needs, Neur
 
 
 def probeless_scores(sums_LN: torch.Tensor, counts_L: torch.Tensor, concept: int | None = None,
-                     pairwise: bool = False) -> torch.Tensor:
+                     pairwise: bool = True) -> torch.Tensor:
     """Per-neuron spread of the class means.
 
-    Only classes with a count above 0 take part. With `pairwise=False` (the default), the score is
-    sum over classes c of |mean_c - mean|, where mean is the mean over all labelled rows (the
-    class means weighted by their counts); for one `concept`, |mean_concept - mean|. With
-    `pairwise=True` it is NeuroX's code: sum over class pairs of |mean_a - mean_b|, and for one
-    `concept`, sum over the other classes c of |mean_concept - mean_c|.
+    Only classes with a count above 0 take part. With `pairwise=True` (the default) it is NeuroX's
+    code: sum over class pairs of |mean_a - mean_b|, and for one `concept`, sum over the other
+    classes c of |mean_concept - mean_c|. With `pairwise=False` the score is the sum over classes c
+    of |mean_c - mean|, where mean is the mean over all labelled rows (the class means weighted by
+    their counts); for one `concept`, |mean_concept - mean|.
 
     Args:
         sums_LN: (L, N) per-label activation sums.
         counts_L: (L,) rows per label.
         concept: a label id to score for, or None for all labels together.
-        pairwise: use NeuroX's pairwise form.
+        pairwise: NeuroX's pairwise form (default) or the distance to the overall mean.
 
     Returns:
         (N,) float32 scores, higher = more class-dependent.
@@ -53,13 +53,14 @@ class Probeless(Method):
     token carries its sentence's label), as the harness's label statistics provide.
 
     Args:
-        pairwise: score by NeuroX's sum over class pairs instead of the distance to the overall mean.
+        pairwise: NeuroX's own score, the sum over class pairs of |mean_a - mean_b| (default);
+            False scores the sum over classes of the distance to the overall mean instead.
     """
 
     name = "probeless"
     needs = Needs(labels=True)
 
-    def __init__(self, pairwise: bool = False):
+    def __init__(self, pairwise: bool = True):
         self.pairwise = pairwise
 
     def relevance(self, ctx: MethodContext) -> NeuronScores:

@@ -61,13 +61,16 @@ class Params(TaskParams):
 # `hidden_states[L + 1]`), the site every baseline's `attribute_positions(ctx, L)` reads. The last
 # block is left out: the classifier reads only [CLS] of its output, so masking word positions there
 # changes nothing for any method. The embedding output (DiffMask's input mode) has no site yet.
+# "Masked" means: the hidden state at that position replaced by the layer's train-split mean over
+# word tokens (special tokens are never masked). A method may learn on the train split
+# (`ctx.train`, version 2): DiffMask trains its amortized gates there against this same baseline.
 # Costs measured on 2 shared CPU cores: the harness runs 2 x 4 masked copies of the n_test examples
 # per layer (~40 s a method for 5 layers and 100 examples) and, once per run, random_seeds times as
 # many for the random reference. A method is asked about the n_pool examples once per layer, so the
 # pool bounds its cost: gradxact ~5 s a layer, integrated-gradients (16 steps) 30-110 s a layer,
-# diffmask (200 training steps, independent of the pool) ~2 min a layer.
+# diffmask seconds a layer once its gates are cached (building them: see baselines/diffmask.py).
 SPEC = TaskSpec(
-    name="erasure", version=1, verb="attribute_positions", model="minilm-polarity", data="polarity",
+    name="erasure", version=2, verb="attribute_positions", model="minilm-polarity", data="polarity",
     sites="resid", headline="erasure.comp_gap_mean", no_skill=0.0,
     params=Params(layers=(0, 1, 2, 3, 4), fractions=(0.05, 0.1, 0.2, 0.5), n_pool=300, n_test=100,
                   random_seeds=3, bootstrap=1000),
@@ -270,11 +273,12 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     for layer in p.layers:
         model.width(Site.resid(layer))  # an out-of-range layer fails before any work
     sites = tuple(Site.resid(layer) for layer in p.layers)
+    train = corpus.splits["train"]
     ctx = MethodContext(model=model, sites=sites, data=pool, data_id=f"{corpus.fingerprint}:test-pool{len(pool)}",
-                        seed=env.seed, label_names=corpus.label_names, cache=env.cache)
+                        seed=env.seed, label_names=corpus.label_names, train=train,
+                        train_id=f"{corpus.fingerprint}:train", cache=env.cache)
     rows = env.scoring_rows(len(pool), p.n_test, spec.split_seed)
     key = ("erasure", spec.fingerprint(), env.seed, env.split, rows.tobytes())
-    train = corpus.splits["train"]
     means = env.memo(("erasure.means", spec.model, corpus.fingerprint, sites), lambda: train_means(
         model, train, f"{corpus.fingerprint}:train", sites, env.cache, corpus.label_names))
     scoring = env.memo(key + ("full",), lambda: Scoring.build(model, pool.select(rows)))

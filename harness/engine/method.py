@@ -96,6 +96,10 @@ class MethodContext:
         labelling: which labels `data` carries: None for the split's own, or a task's name for a
             relabelled copy (e.g. `permuted:0`, the first permutation of a task's label null). It
             keys recorded answers (submissions); a method has no need to read it.
+        train: the model's own training split, for methods that learn an amortized explainer on
+            it and then answer about `data` (DiffMask's gate network), or None when the task
+            offers none. Like `data`, it never holds a scoring example.
+        train_id: a fingerprint of `train` (for the cache).
         cache: the activation cache.
         collect_defaults: batching settings for `collect`.
         proposer: the generative LM a task provides for methods that propose descriptors (a model
@@ -111,6 +115,8 @@ class MethodContext:
     parent: LoadedModel | None = None
     concept: str | None = None
     labelling: str | None = None
+    train: datasets.Dataset | None = None
+    train_id: str | None = None
     cache: Cache | None = None
     collect_defaults: dict = field(default_factory=dict)
     proposer: str | None = None

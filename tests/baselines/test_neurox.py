@@ -79,8 +79,8 @@ COUNTS = torch.tensor([1.0, 3.0, 2.0, 0.0])
 
 
 def test_probeless_sums_distances_of_class_means_to_the_overall_mean():
-    assert probeless_scores(SUMS, COUNTS).tolist() == pytest.approx([4.0, 0.0, 7 / 3])
-    assert probeless_scores(SUMS, COUNTS, concept=0).tolist() == pytest.approx([3.0, 0.0, 4 / 3])
+    assert probeless_scores(SUMS, COUNTS, pairwise=False).tolist() == pytest.approx([4.0, 0.0, 7 / 3])
+    assert probeless_scores(SUMS, COUNTS, concept=0, pairwise=False).tolist() == pytest.approx([3.0, 0.0, 4 / 3])
     assert probeless_scores(SUMS, COUNTS, pairwise=True).tolist() == pytest.approx([8.0, 0.0, 4.0])
     assert probeless_scores(SUMS, COUNTS, concept=0, pairwise=True).tolist() == pytest.approx([7.0, 0.0, 3.0])
     with pytest.raises(ValueError, match="no labelled row"):
@@ -103,10 +103,12 @@ def test_probeless_method_reads_word_level_label_sums_and_names_the_concept():
     stats = SiteStats(labels=LabelSums.from_state({"sums": SUMS.double(), "counts": COUNTS.double()}, "cpu"))
     calls = []
     out = get_method("probeless").relevance(_fake_ctx(stats, 3, calls=calls))
-    assert out.scores.tolist() == pytest.approx([4.0, 0.0, 7 / 3])
+    assert out.scores.tolist() == pytest.approx([8.0, 0.0, 4.0])  # NeuroX's pairwise sum by default
     assert "labels" in calls[0]["stats"] and calls[0]["alignment"] == "last"
     one = get_method("probeless").relevance(_fake_ctx(stats, 3, concept="a"))
-    assert one.concepts == ("a",) and one.scores[0].tolist() == pytest.approx([3.0, 0.0, 4 / 3])
+    assert one.concepts == ("a",) and one.scores[0].tolist() == pytest.approx([7.0, 0.0, 3.0])
+    overall = get_method("probeless", pairwise=False).relevance(_fake_ctx(stats, 3))
+    assert overall.scores.tolist() == pytest.approx([4.0, 0.0, 7 / 3])
     with pytest.raises(KeyError, match="not a label"):
         get_method("probeless").relevance(_fake_ctx(stats, 3, concept="zzz"))
 
@@ -229,7 +231,8 @@ def test_lca_top_neurons_of_minilm_carry_pos_far_better_than_its_bottom_neurons(
     cache = Cache(tmp_path / "cache")
 
     def ctx(split: str) -> MethodContext:
-        return MethodContext(model, sites=(Site.resid(3),), data=corpus.splits[split], seed=0,
+        # resid.2 (the output of block 2) is NeuroX's "layer 3": NeuroX counts the embeddings as layer 0.
+        return MethodContext(model, sites=(Site.resid(2),), data=corpus.splits[split], seed=0,
                              data_id=f"{corpus.fingerprint}/{split}", label_names=corpus.label_names,
                              cache=cache)
 
@@ -249,7 +252,7 @@ def test_lca_top_neurons_of_minilm_carry_pos_far_better_than_its_bottom_neurons(
              "random": np.random.default_rng(0).permutation(len(order))[:k]}
     acc = {name: keep_neurons(fit.probe, keep, train.features, train.labels).accuracy(test.features, test.labels)
            for name, keep in keeps.items()}
-    print(f"lca minilm resid.3 POS: all {full:.4f}, top-10% {acc['top']:.4f}, bottom-10% {acc['bottom']:.4f}, "
+    print(f"lca minilm resid.2 POS: all {full:.4f}, top-10% {acc['top']:.4f}, bottom-10% {acc['bottom']:.4f}, "
           f"random-10% {acc['random']:.4f} (lambdas {fit.choice.l1:g}/{fit.choice.l2:g}, "
           f"{time.perf_counter() - start:.1f}s)")
     assert full >= 0.90
