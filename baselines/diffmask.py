@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from neuronbench.baselines.diffmask_train import (LAGRANGE_MAX, DiffMaskConfig, Fit, LagrangeMultiplier,
-                                                  fit_gates, save_fit, split_train_dev)
+                                                  batches_with_logits, fit_gates, save_fit, split_train_dev)
 from neuronbench.harness.engine.activations import collect_cached
 from neuronbench.harness.engine.batching import Batch
 from neuronbench.harness.engine.cache import Cache, data_fingerprint
@@ -149,9 +149,10 @@ class DiffMask(Method):
     - special tokens are never gated, as `erasure` never masks them (the authors gate [CLS] too);
     - the L0 term is the expected L0 itself, as in the paper (the code minimises its log);
     - one training run per layer with its own multiplier and optimiser, where the code draws one
-      of all layers per step in a single run; the warm-up (1200 steps there, over 8 layers for
-      MiniLM) is 150 steps per layer here;
-    - `steps` (300 per layer) is a budget for 2 CPU cores, not the code's 300 epochs of SST;
+      of all layers per step in a single run; the warm-up (1200 steps there, about 150 a layer for
+      MiniLM's 8) is 100 steps per layer here;
+    - `steps` (300 per layer) and `batch` (32) are a budget for 2 CPU cores, not the code's 300
+      epochs of SST at batch 64;
     - batches are length-sorted groups (at most `batch` examples and `max_tokens` tokens) drawn in
       a seeded order each epoch, not freshly shuffled examples;
     - the dev check is KL <= eps (0.1); the code accepts dev KL <= 0.8 with >= 75% agreement;
@@ -169,6 +170,17 @@ class DiffMask(Method):
         self.cfg = DiffMaskConfig(**settings)
         self.history: dict[str, list[float]] = {}
         self.summary: dict = {}
+        self._batches: dict[tuple, tuple[list, list]] = {}
+
+    def _split_batches(self, ctx: MethodContext, data, data_id: str, include_special: bool) -> tuple[list, list]:
+        """(train, dev) batches with the unmasked logits, computed once per model and split: every
+        layer's gate trains on the same ones."""
+        key = (ctx.model.fingerprint(), data_id, ctx.seed, include_special)
+        if key not in self._batches:
+            fit_on, dev = split_train_dev(data, self.cfg, ctx.seed)
+            self._batches = {key: tuple(batches_with_logits(ctx.model, d, self.cfg, include_special)
+                                        for d in (fit_on, dev))}
+        return self._batches[key]
 
     def relevance(self, ctx: MethodContext) -> NeuronScores:
         require_task_head(ctx.model, "diffmask")
@@ -176,9 +188,8 @@ class DiffMask(Method):
         moments = ctx.collect(("moments",))
         baselines = {s: moments[s].moments.mean.to(ctx.model.device).float() for s in index.sites}
         gates = NeuronGates(baselines, self.cfg.init_log_alpha, self.cfg.learn_baseline).to(ctx.model.device)
-        train, dev = split_train_dev(ctx.data, self.cfg, ctx.seed)
-        fit = fit_gates(ctx.model, train, dev, gates, self.cfg, ctx.seed, self.cfg.lr_neuron_gates,
-                        include_special=True)
+        train_b, dev_b = self._split_batches(ctx, ctx.data, ctx.data_id, include_special=True)
+        fit = fit_gates(ctx.model, train_b, dev_b, gates, self.cfg, ctx.seed, self.cfg.lr_neuron_gates)
         gates.load_state_dict(fit.state)
         self.history, self.summary = fit.curves, fit.summary
         with torch.no_grad():
@@ -215,8 +226,8 @@ class DiffMask(Method):
                 return PositionGate(site, baseline(), self.cfg.learn_baseline).to(ctx.model.device)
 
         def train_gate(gate: PositionGate) -> Fit:
-            fit_on, dev = split_train_dev(train, self.cfg, ctx.seed)
-            return fit_gates(ctx.model, fit_on, dev, gate, self.cfg, ctx.seed, self.cfg.lr_gate, include_special=False)
+            train_b, dev_b = self._split_batches(ctx, train, train_id, include_special=False)
+            return fit_gates(ctx.model, train_b, dev_b, gate, self.cfg, ctx.seed, self.cfg.lr_gate)
 
         gate, self.history, self.summary = cached_gate(ctx.cache or Cache(), parts, build, train_gate,
                                                        f"{ctx.model.name} resid.{layer}", self.cfg.eps)

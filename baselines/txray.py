@@ -170,9 +170,15 @@ class TXRay(Method):
         default). The paper's LSTM had word tokens.
       * Relevance of a neuron active in both stages is its Hellinger distance. A neuron active in
         exactly one stage gets the largest distance, 1 (its distribution has nothing in common
-        with the other stage's empty one: it gained or lost all its knowledge); one active in
-        neither gets 0 (nothing observed, nothing changed). With `average`, every score, these
-        included, is divided by the neuron's union size, as the public code divides distances.
+        with the other stage's empty one: it gained or lost all its knowledge). A neuron active in
+        neither stage never wins a token: TX-Ray has no evidence about it. With
+        `no_evidence="neutral"` (default) it gets the median distance of the compared neurons
+        (active in both stages), so it sits in the middle of the ranking, in neither the most- nor the least-changed sets
+        while those stay within the evidence-bearing half (a task that cuts deeper meets a tie and
+        says so); with `"zero"` it gets 0 (the earlier default: "nothing observed, nothing
+        changed", which ranks every silent neuron as least changed, ordered only by the task's
+        seeded tie-break). With `average`, the scores of neurons with evidence are divided by the
+        neuron's union size, as the public code divides distances.
       * `stage_change` is the mean distance over neurons active in both stages (the paper's
         comparison set). When no neuron is active in both, it is the mean relevance over the
         neurons active in either stage (1.0 without `average`: all knowledge moved), with a
@@ -180,14 +186,18 @@ class TXRay(Method):
       * Relevance ignores `ctx.concept`: TX-Ray measures change, not a concept.
 
     Args:
-        average: use the public code's "average Hellinger" (distance / union size).
+        average: use the public code's "average Hellinger" (distance / union size); the default
+            is the paper's plain distance.
+        no_evidence: `neutral` or `zero`, the score of neurons active in neither stage (above).
     """
 
     name = "txray"
     needs = Needs(stages=True)
 
-    def __init__(self, average: bool = False):
-        self.average = average
+    def __init__(self, average: bool = False, no_evidence: str = "neutral"):
+        if no_evidence not in NO_EVIDENCE:
+            raise ValueError(f"txray: no_evidence={no_evidence!r}; use one of {NO_EVIDENCE}")
+        self.average, self.no_evidence = average, no_evidence
 
     def compare(self, ctx: MethodContext) -> StageComparison:
         """Max-1 tables of both stages on `ctx.data`, compared per neuron (see `compare_tables`)."""
@@ -203,7 +213,7 @@ class TXRay(Method):
 
     def relevance(self, ctx: MethodContext) -> NeuronScores:
         cmp = self.compare(ctx)
-        return NeuronScores(cmp.index, relevance_scores(cmp, self.average).float())
+        return NeuronScores(cmp.index, relevance_scores(cmp, self.average, self.no_evidence).float())
 
     def stage_change(self, ctx: MethodContext) -> float:
         cmp = self.compare(ctx)
@@ -219,19 +229,31 @@ class TXRay(Method):
         return float(relevance_scores(cmp, self.average)[either].mean())
 
 
-def relevance_scores(cmp: StageComparison | dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
+NO_EVIDENCE = ("neutral", "zero")
+
+
+def relevance_scores(cmp: StageComparison | dict[str, torch.Tensor], average: bool = False,
+                     no_evidence: str = "neutral") -> torch.Tensor:
     """Per-neuron change: the distance where active in both stages, the largest distance where active
-    in one only (1, or 1/union size with `average`), 0 where active in neither.
+    in one only (1, or 1/union size with `average`); where active in neither, the median distance of
+    the neurons compared (active in both; else of all with evidence) (`neutral`), or 0 (`zero`, and
+    when no neuron has evidence).
 
     Args:
         cmp: `compare_tables` columns (or a `StageComparison`) computed with the same `average`.
         average: whether distances were divided by the union size.
+        no_evidence: `neutral` or `zero`.
     """
     moved = torch.ones_like(cmp["hellinger"])
     if average:
         moved = moved / cmp["union"].clamp_min(1)
     one_sided = cmp["active_before"] ^ cmp["active_after"]
-    return torch.where(cmp["shared"], cmp["hellinger"], torch.where(one_sided, moved, 0.0))
+    evidence = cmp["shared"] | one_sided
+    scores = torch.where(cmp["shared"], cmp["hellinger"], torch.where(one_sided, moved, 0.0))
+    if no_evidence == "neutral" and evidence.any():
+        middle = torch.quantile(scores[cmp["shared"] if cmp["shared"].any() else evidence], 0.5)
+        scores = torch.where(evidence, scores, middle)
+    return scores
 
 
 def _check_stages(ctx: MethodContext) -> None:

@@ -104,11 +104,22 @@ def test_compare_tables_is_hellinger_over_the_union_for_neurons_active_in_both()
 def test_relevance_scores_give_the_largest_distance_to_gained_and_lost_neurons():
     before = _table([(0, 1, 3.0, 1), (0, 2, 1.0, 1), (2, 5, 1.0, 1), (2, 6, 1.0, 1)])
     after = _table([(0, 2, 2.0, 2), (0, 3, 2.0, 1), (3, 6, 1.0, 1)])
-    plain = relevance_scores(compare_tables(before, after, n=5))
-    assert 0 < plain[0] < 1
-    assert plain[1:].tolist() == [0.0, 1.0, 1.0, 0.0]  # inactive in both, lost, gained, inactive
+    zero = relevance_scores(compare_tables(before, after, n=5), no_evidence="zero")
+    assert 0 < zero[0] < 1
+    assert zero[1:].tolist() == [0.0, 1.0, 1.0, 0.0]  # inactive in both, lost, gained, inactive
     averaged = relevance_scores(compare_tables(before, after, n=5, average=True), average=True)
     assert averaged[2:4].tolist() == [0.5, 1.0]  # 1 / union size, like every averaged distance
+
+
+def test_neurons_without_evidence_sit_at_the_median_of_those_with_evidence():
+    before = _table([(0, 1, 3.0, 1), (0, 2, 1.0, 1), (2, 5, 1.0, 1), (2, 6, 1.0, 1)])
+    after = _table([(0, 2, 2.0, 2), (0, 3, 2.0, 1), (3, 6, 1.0, 1)])
+    before = _table([(0, 1, 3.0, 1), (0, 2, 1.0, 1), (1, 2, 1.0, 1), (2, 5, 1.0, 1)])
+    after = _table([(0, 2, 2.0, 2), (0, 3, 2.0, 1), (1, 2, 5.0, 1), (3, 6, 1.0, 1)])
+    neutral = relevance_scores(compare_tables(before, after, n=6))  # neurons 4 and 5 never win a token
+    compared = neutral[[0, 1]]  # neuron 1: the same single token in both stages, distance 0
+    assert neutral[4] == neutral[5] == compared.mean() and neutral[2] == neutral[3] == 1  # median of two
+    assert compared.min() == 0 < neutral[4] < 1  # neither the least nor the most changed
 
 
 def test_by_token_string_meets_two_numberings_of_the_same_tokens():
@@ -198,8 +209,11 @@ def test_stage_change_is_the_mean_over_shared_neurons_and_relevance_ranks_change
     rel = call_verb(method, "relevance", ctx).scores
     assert rel.shape == (ctx.index.size,)
     either, one_sided = cmp["active_before"] | cmp["active_after"], cmp["active_before"] ^ cmp["active_after"]
-    assert (rel[~either] == 0).all() and (rel[one_sided] == 1).all()
+    assert (rel[one_sided] == 1).all()
     assert torch.allclose(rel[shared].double(), cmp["hellinger"][shared])
+    assert torch.allclose(rel[~either].double(), cmp["hellinger"][shared].quantile(0.5))  # no evidence: neutral
+    zero = call_verb(TXRay(no_evidence="zero"), "relevance", ctx).scores
+    assert (zero[~either] == 0).all()
     averaged = TXRay(average=True).stage_change(ctx)
     assert averaged == pytest.approx((cmp["hellinger"][shared] / cmp["union"][shared]).mean().item())
 

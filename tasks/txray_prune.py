@@ -1,0 +1,174 @@
+"""`txray-prune`: TX-Ray's pruning claim (RQ3) as its paper states it: zero the units a method ranks
+most (and least) changed by fine-tuning, and measure the change in test accuracy in both directions
+against random units of the same site.
+
+TX-Ray (copenlu/tx-ray, `lstm_classifier.py`) zeroes units of the representation the classifier
+head reads, in a model fine-tuned from a pre-trained LM, and reports that pruning can improve test
+accuracy as well as hurt it. Here the model is `minilm-polarity` (parent `minilm`); the first
+configuration prunes `resid.<last>`, the hidden state whose [CLS] vector the pooler and head read,
+the second each FFN site on its own. A set never spans sites, so every random set is layer-matched.
+`prune` asks something else (mean-ablating top-k over all FFN sites, counting drops only); this task
+leaves it unchanged and shares its batched evaluation and its paired bootstrap.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from neuronbench.harness.engine.data import load
+from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, call_verb
+from neuronbench.harness.engine.ranking import rank_neurons, set_size
+from neuronbench.harness.engine.records import Record
+from neuronbench.harness.engine.sites import NeuronIndex, Site
+from neuronbench.harness.suite.task import RunEnv, TaskSpec, record, register_task
+from neuronbench.tasks.prune import PrunePlan, _Bootstrap, evaluate_plan
+
+log = logging.getLogger(__name__)
+
+# Headline fixed before any measurement: at the head-read site, the mean over k of
+# (change in test accuracy when the k most-changed units are zeroed) - (mean change for random
+# units of that site); 0 = no skill. TX-Ray claims pruning changes accuracy either way, so both
+# signs are findings: below 0 the most-changed units matter more than random ones, above 0 zeroing
+# them helps. n_test: every set costs a forward pass per test sentence; 3 ks x (2 + 8 random) sets
+# x 7 sites over 200 sentences is about the cost of `prune` on its 120.
+SPEC = TaskSpec(
+    name="txray-prune", version=1, verb="relevance", model="minilm-polarity", parent="minilm",
+    data="polarity", sites="ffn", headline="txray-prune.head.most_vs_random", no_skill=0.0,
+    params=(("ks", (0.01, 0.05, 0.1)), ("random_seeds", 8), ("n_test", 200), ("bootstrap", 1000),
+            ("ffn_config", True)),
+    quick=(("model", "minilm-polarity-tiny"), ("parent", "minilm-polarity-tiny"), ("ks", (0.05, 0.2)),
+           ("random_seeds", 3), ("n_test", 64), ("bootstrap", 200)),
+    description="change in test accuracy (either sign) from zeroing a method's most / least changed "
+                "units of the head-read state (and of each FFN site) minus random units of the site")
+
+MOST, LEAST, RANDOM = "most", "least", "random"
+_RANDOM_STREAM = 3  # prune uses 1 and 2; the tie stream is 0
+
+
+@dataclass(frozen=True)
+class Params:
+    ks: tuple[float, ...]
+    random_seeds: int
+    n_test: int | None
+    bootstrap: int
+    ffn_config: bool
+
+
+def _params(spec: TaskSpec) -> Params:
+    p = Params(tuple(float(k) for k in spec.param("ks")), spec.param("random_seeds"), spec.param("n_test"),
+               int(spec.param("bootstrap")), bool(spec.param("ffn_config")))
+    for k in p.ks:
+        set_size(k, 1)
+    if not p.ks or not isinstance(p.random_seeds, int) or p.random_seeds < 1:
+        raise ValueError(f"txray-prune: ks={p.ks!r} must be non-empty and random_seeds={p.random_seeds!r} "
+                         "a positive integer")
+    return p
+
+
+def tie_broken(scores: np.ndarray, chosen: np.ndarray) -> int:
+    """How many of `chosen` (a prefix of a ranking of `scores`) were picked by the tie-break: the
+    members tied with the last one when the tie continues outside the set (0 when it does not)."""
+    cut = scores[chosen[-1]]
+    inside = int((scores[chosen] == cut).sum())
+    return inside if int((scores == cut).sum()) > inside else 0
+
+
+def add_site_sets(plan: PrunePlan, index: NeuronIndex, site: Site, scores: torch.Tensor, ks, n_seeds: int,
+                  seed: int) -> dict[tuple[str, float], float]:
+    """Most-, least- and random-k sets of one site's units (conditions keyed `<site>/<kind>`).
+
+    Returns:
+        per (most | least, k): the share of the set chosen by the tie-break, not by the scores.
+    """
+    width, offset = index.width(site), index.offset(site)
+    local = scores[offset:offset + width].double().cpu().numpy()
+    order = rank_neurons(torch.from_numpy(local), seed)
+    randoms = [np.random.default_rng([seed + i, _RANDOM_STREAM, offset]).permutation(width) for i in range(n_seeds)]
+    ties = {}
+    for k in ks:
+        n = set_size(k, width)
+        for kind, chosen in ((MOST, order[:n]), (LEAST, order[::-1][:n])):
+            plan.add(f"{site}/{kind}", k, offset + chosen)
+            ties[(kind, k)] = tie_broken(local, chosen) / n
+        for perm in randoms:
+            plan.add(f"{site}/{RANDOM}", k, offset + perm[:n])
+    return ties
+
+
+def summarise_site(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, acc: np.ndarray, site: Site,
+                   ks, ties: dict, boot: _Bootstrap, prefix: str) -> tuple[list[Record], np.ndarray]:
+    """Per k: accuracy change (pruned - full; positive = pruning helped) of the most, least and
+    random sets, and most/least minus random; and their means over k. Returns the records and the
+    (2, S, n) per-seed means over k of most - random and least - random."""
+    full = acc[0]
+
+    def rec(metric: str, per_seed: np.ndarray, k: float | None = None) -> Record:
+        value, low, high = boot.ci(np.atleast_2d(per_seed))
+        return record(spec, method, f"txray-prune.{prefix}.{metric}", value, seed, k=k, ci_low=low, ci_high=high)
+
+    out, means = [], np.zeros((2, boot.n_seeds, len(full)))
+    for k in ks:
+        change = {kind: acc[plan.rows[(f"{site}/{kind}", k)]] - full[None] for kind in (MOST, LEAST, RANDOM)}
+        for kind, values in change.items():
+            out.append(rec(f"delta_acc.{kind}", values, k))
+        for i, kind in enumerate((MOST, LEAST)):
+            vs = change[kind] - change[RANDOM]  # (S, n), paired with each random seed
+            out.append(rec(f"{kind}_vs_random", vs, k))
+            out.append(record(spec, method, f"txray-prune.{prefix}.{kind}_tie_broken_share", ties[(kind, k)], seed, k=k))
+            means[i] += vs / len(ks)
+    out += [rec("most_vs_random", means[0]), rec("least_vs_random", means[1])]
+    return out, means
+
+
+def _ask(method: Method, spec: TaskSpec, ctx: MethodContext):
+    answer = call_verb(method, spec.verb, ctx)
+    return None if isinstance(answer, NotApplicable) else answer
+
+
+@register_task(SPEC)
+def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
+    """Ask `method.relevance` (train split, both stages) about the head-read state and the FFN sites,
+    zero most / least / random k-sets of each site, and score test accuracy in both directions."""
+    p = _params(spec)
+    corpus = load(spec.data, spec.split_seed)
+    child = env.model(spec.model)
+    parent = env.model(spec.parent) if spec.parent else None
+    train, data_id = corpus.splits["train"], f"{corpus.fingerprint}:train"
+    head = Site.resid(child.num_layers - 1)
+    configs = {"head": (head,)}
+    if p.ffn_config:
+        configs["ffn"] = child.sites("ffn")
+    test = env.scoring_subset(corpus.splits["test"], p.n_test, spec.split_seed)
+    out: list[Record] = []
+    for name, sites in configs.items():
+        # Flat ids are per configuration's index: a set's key means different units in each.
+        known = env.memo(("txray-prune.sets", spec.fingerprint(), env.split, env.hidden_seed, name), dict)
+        ctx = MethodContext(model=child, sites=sites, data=train, data_id=data_id, seed=env.seed,
+                            label_names=corpus.label_names, parent=parent, cache=env.cache)
+        answer = _ask(method, spec, ctx)
+        if answer is None:
+            return [record(spec, method.name, "txray-prune.not_applicable", None, env.seed, status="not_applicable")]
+        plan, ties = PrunePlan(), {}
+        for site in sites:
+            ties[site] = add_site_sets(plan, ctx.index, site, answer.overall(), p.ks, p.random_seeds, env.seed)
+        acc = evaluate_plan(child, test, ctx.index, plan, "zero", None, known)[..., 0]  # (sets, n) correct
+        boot = _Bootstrap(acc.shape[1], p.random_seeds, p.bootstrap, env.seed)
+        if name == "head":
+            value, low, high = boot.ci(acc[:1])
+            out.append(record(spec, method.name, "txray-prune.full_accuracy", value, env.seed, ci_low=low, ci_high=high))
+        per_site = []
+        for site in sites:
+            prefix = name if name == "head" else f"ffn.{site.layer}"
+            recs, means = summarise_site(spec, method.name, env.seed, plan, acc, site, p.ks, ties[site], boot, prefix)
+            out += recs
+            per_site.append(means)
+        if name == "ffn":
+            mean = np.mean(per_site, axis=0)
+            for i, kind in enumerate((MOST, LEAST)):
+                value, low, high = boot.ci(mean[i])
+                out.append(record(spec, method.name, f"txray-prune.ffn.{kind}_vs_random", value, env.seed,
+                                  ci_low=low, ci_high=high))
+    return out
