@@ -7,6 +7,7 @@ head reads, in a model fine-tuned from a pre-trained LM, and reports that prunin
 accuracy as well as hurt it. Here the model is `minilm-polarity` (parent `minilm`); the first
 configuration prunes `resid.<last>`, the hidden state whose [CLS] vector the pooler and head read,
 the second each FFN site on its own. A set never spans sites, so every random set is layer-matched.
+Zero ablation, as the paper's code zeroes units.
 `prune` asks something else (mean-ablating top-k over all FFN sites, counting drops only); this task
 leaves it unchanged and shares its batched evaluation and its paired bootstrap.
 """
@@ -123,52 +124,45 @@ def summarise_site(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, acc:
     return out, means
 
 
-def _ask(method: Method, spec: TaskSpec, ctx: MethodContext):
-    answer = call_verb(method, spec.verb, ctx)
-    return None if isinstance(answer, NotApplicable) else answer
-
-
 @register_task(SPEC)
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
-    """Ask `method.relevance` (train split, both stages) about the head-read state and the FFN sites,
-    zero most / least / random k-sets of each site, and score test accuracy in both directions."""
+    """Ask `method.relevance` once (train split, both stages) about the head-read state and the FFN
+    sites, zero most / least / random k-sets of each site, and score test accuracy both ways."""
     p = _params(spec)
     corpus = load(spec.data, spec.split_seed)
     child = env.model(spec.model)
     parent = env.model(spec.parent) if spec.parent else None
     train, data_id = corpus.splits["train"], f"{corpus.fingerprint}:train"
     head = Site.resid(child.num_layers - 1)
-    configs = {"head": (head,)}
-    if p.ffn_config:
-        configs["ffn"] = child.sites("ffn")
+    ffn = child.sites("ffn") if p.ffn_config else ()
+    # One question about every site (a submission holds one relevance answer per call); each set
+    # is drawn within one site, so the sites never compete for a set.
+    ctx = MethodContext(model=child, sites=(head, *ffn), data=train, data_id=data_id, seed=env.seed,
+                        label_names=corpus.label_names, parent=parent, cache=env.cache)
+    answer = call_verb(method, spec.verb, ctx)
+    if isinstance(answer, NotApplicable):
+        log.info("%s", answer)
+        return [record(spec, method.name, "txray-prune.not_applicable", None, env.seed, status="not_applicable")]
     test = env.scoring_subset(corpus.splits["test"], p.n_test, spec.split_seed)
-    out: list[Record] = []
-    for name, sites in configs.items():
-        # Flat ids are per configuration's index: a set's key means different units in each.
-        known = env.memo(("txray-prune.sets", spec.fingerprint(), env.split, env.hidden_seed, name), dict)
-        ctx = MethodContext(model=child, sites=sites, data=train, data_id=data_id, seed=env.seed,
-                            label_names=corpus.label_names, parent=parent, cache=env.cache)
-        answer = _ask(method, spec, ctx)
-        if answer is None:
-            return [record(spec, method.name, "txray-prune.not_applicable", None, env.seed, status="not_applicable")]
-        plan, ties = PrunePlan(), {}
-        for site in sites:
-            ties[site] = add_site_sets(plan, ctx.index, site, answer.overall(), p.ks, p.random_seeds, env.seed)
-        acc = evaluate_plan(child, test, ctx.index, plan, "zero", None, known)[..., 0]  # (sets, n) correct
-        boot = _Bootstrap(acc.shape[1], p.random_seeds, p.bootstrap, env.seed)
-        if name == "head":
-            value, low, high = boot.ci(acc[:1])
-            out.append(record(spec, method.name, "txray-prune.full_accuracy", value, env.seed, ci_low=low, ci_high=high))
-        per_site = []
-        for site in sites:
-            prefix = name if name == "head" else f"ffn.{site.layer}"
-            recs, means = summarise_site(spec, method.name, env.seed, plan, acc, site, p.ks, ties[site], boot, prefix)
-            out += recs
-            per_site.append(means)
-        if name == "ffn":
-            mean = np.mean(per_site, axis=0)
-            for i, kind in enumerate((MOST, LEAST)):
-                value, low, high = boot.ci(mean[i])
-                out.append(record(spec, method.name, f"txray-prune.ffn.{kind}_vs_random", value, env.seed,
-                                  ci_low=low, ci_high=high))
+    plan, ties = PrunePlan(), {}
+    for site in ctx.sites:
+        ties[site] = add_site_sets(plan, ctx.index, site, answer.overall(), p.ks, p.random_seeds, env.seed)
+    known = env.memo(("txray-prune.sets", spec.fingerprint(), env.split, env.hidden_seed), dict)
+    acc = evaluate_plan(child, test, ctx.index, plan, "zero", None, known)[..., 0]  # (sets, n) correct
+    boot = _Bootstrap(acc.shape[1], p.random_seeds, p.bootstrap, env.seed)
+    value, low, high = boot.ci(acc[:1])
+    out = [record(spec, method.name, "txray-prune.full_accuracy", value, env.seed, ci_low=low, ci_high=high)]
+    per_ffn = []
+    for site in ctx.sites:
+        prefix = "head" if site == head else f"ffn.{site.layer}"
+        recs, means = summarise_site(spec, method.name, env.seed, plan, acc, site, p.ks, ties[site], boot, prefix)
+        out += recs
+        if site != head:
+            per_ffn.append(means)
+    if per_ffn:
+        mean = np.mean(per_ffn, axis=0)
+        for i, kind in enumerate((MOST, LEAST)):
+            value, low, high = boot.ci(mean[i])
+            out.append(record(spec, method.name, f"txray-prune.ffn.{kind}_vs_random", value, env.seed,
+                              ci_low=low, ci_high=high))
     return out
