@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from neuronbench.harness import data
-from neuronbench.harness.intervene import MaskSet, evaluate_masks, gold_label_scores
-from neuronbench.harness.method import Method, MethodContext, NeuronScores, get_method
-from neuronbench.harness.sites import NeuronIndex, Site
-from neuronbench.harness.task import RunEnv
+from neuronbench.harness.engine import data
+from neuronbench.harness.engine.intervene import MaskSet, evaluate_masks, gold_label_scores
+from neuronbench.harness.engine.method import Method, MethodContext, NeuronScores, get_method
+from neuronbench.harness.engine.sites import NeuronIndex, Site
+from neuronbench.harness.suite.task import RunEnv
 from neuronbench.tasks import txray_prune
 from neuronbench.tasks.prune import PrunePlan
 from conftest import quick_zoo_home
