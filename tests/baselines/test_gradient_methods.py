@@ -249,13 +249,16 @@ def _decisive_classifier(cut_dims: int = 0):
     return model
 
 
-def test_diffmask_neuron_mode_keeps_the_neurons_the_head_reads(sentence_data, tmp_cache):
-    ctx = _ctx(_decisive_classifier(cut_dims=16), sentence_data, (Site.resid(1),), tmp_cache)
-    method = get_method("diffmask", steps=300)
+def test_diffmask_neuron_mode_keeps_the_neurons_the_head_reads(tmp_cache):
+    from .test_diffmask import _sentences  # enough sentences for a dev split that can see the KL
+
+    ctx = _ctx(_decisive_classifier(cut_dims=16), _sentences(160, 0), (Site.resid(1),), tmp_cache)
+    method = get_method("diffmask", steps=200)
     scores = call_verb(method, "relevance", ctx).scores
     cut, read = scores[:16], scores[16:]
-    assert read.mean() > 0.2 and cut.max() < 0.05, (cut.max(), read.mean())
+    assert read.mean() > 3 * cut.max() and cut.max() < 0.05, (cut.max(), read.mean())
     assert max(method.history["lagrange"]) > 1, "the KL constraint should have bound"
+    assert method.summary["met"] and method.summary["dev_kl"] > 0.01, method.summary
 
 
 def test_diffmask_position_mode_closes_what_the_head_does_not_read(sentence_data, tmp_cache):
