@@ -9,15 +9,14 @@ import pytest
 import torch
 
 from neuronbench.harness.engine import data
-from neuronbench.harness.engine.intervene import MaskSet, evaluate_masks, gold_label_scores
-from neuronbench.harness.engine.method import Method, MethodContext, NeuronScores, get_method
+from neuronbench.harness.engine.method import Method, get_method
 from neuronbench.harness.engine.sites import NeuronIndex, Site
 from neuronbench.harness.suite.task import RunEnv
 from neuronbench.tasks import txray_prune
 from neuronbench.tasks.prune import PrunePlan
 from conftest import quick_zoo_home
 
-from .test_prune import SHARP, StagesOnly, sharp  # noqa: F401  (the sharp classifier fixture)
+from .test_prune import SHARP, Oracle, StagesOnly, sharp  # noqa: F401  (the sharp classifier fixture)
 
 QUICK = txray_prune.SPEC.quick_version()
 
@@ -37,25 +36,6 @@ def _sharp_run(model, method: Method, tmp_cache=None, **params):
 
 def _by_metric(records):
     return {(r.metric, r.k): r for r in records}
-
-
-class ZeroOracle(Method):
-    """Relevance = the drop in accuracy from zeroing each unit alone on the scoring examples
-    (it reads the test split, which no real method may: a reference, not a baseline)."""
-
-    name = "zero-oracle"
-
-    def __init__(self, examples):
-        self.examples = examples
-
-    def relevance(self, ctx: MethodContext) -> NeuronScores:
-        index = ctx.index
-        singles = [index.split(torch.tensor([i])) for i in range(index.size)]
-        labels = torch.tensor(self.examples["label"])
-        scores = evaluate_masks(ctx.model, self.examples, MaskSet.from_sets(ctx.model, [{}] + singles),
-                                lambda out, b: gold_label_scores(out, b, labels), mode="zero")
-        drop = scores[:1].mean(1) - scores[1:].mean(1)  # (N, 2): accuracy, log-likelihood
-        return NeuronScores(index, (drop[:, 0] + 1e-3 * drop[:, 1]).float())
 
 
 def test_quick_spec_runs_with_both_configurations_and_intervals(quick_home, tmp_cache):
@@ -95,11 +75,11 @@ def test_sets_stay_in_their_site_and_ties_are_counted():
 def test_an_oracle_moves_accuracy_beyond_random_units(sharp, tmp_cache):  # noqa: F811
     test = data.subsample(data.load("polarity").splits["test"], QUICK.param("n_test"), QUICK.split_seed)
     params = dict(ffn_config=False, ks=(0.2, 0.5), random_seeds=6)
-    got = _by_metric(_sharp_run(sharp, ZeroOracle(test), tmp_cache, **params))
+    got = _by_metric(_sharp_run(sharp, Oracle(test), tmp_cache, **params))
     chance = _by_metric(_sharp_run(sharp, get_method("random"), tmp_cache, **params))
     head = got[(QUICK.headline, None)]
-    # Zeroing the units whose loss costs most accuracy costs more than zeroing random ones or the
-    # least costly ones (the random sets' spread on this tiny model keeps the interval wide).
+    # Zeroing the units whose ablation alone costs most costs more accuracy than zeroing random ones
+    # or the least costly ones (the random sets' spread on this tiny model keeps the interval wide).
     assert head.value < 0 and head.value < chance[(QUICK.headline, None)].value
     for k in params["ks"]:
         most, least = (got[(f"txray-prune.head.delta_acc.{kind}", k)].value for kind in ("most", "least"))
