@@ -13,21 +13,46 @@ leaves it unchanged and shares its batched evaluation and its paired bootstrap.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from neuronbench.harness.engine.data import load
-from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, call_verb
+from neuronbench.harness.engine.metrics import PairedBootstrap
+from neuronbench.harness.engine.method import Method, MethodContext, Provides, call_verb
 from neuronbench.harness.engine.ranking import rank_neurons, set_size
 from neuronbench.harness.engine.records import Record
 from neuronbench.harness.engine.sites import NeuronIndex, Site
-from neuronbench.harness.suite.task import RunEnv, TaskSpec, record, register_task
-from neuronbench.tasks.prune import PrunePlan, _Bootstrap, evaluate_plan
+from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
+from neuronbench.tasks.prune import PrunePlan, evaluate_plan
 
-log = logging.getLogger(__name__)
+@dataclass(frozen=True)
+class Params(TaskParams):
+    """txray-prune's parameters.
+
+    Attributes:
+        ks: fractions of each site's units zeroed (each in (0, 1]).
+        random_seeds: random sets per site and k (positive).
+        n_test: test sentences scored (None = the whole split).
+        bootstrap: bootstrap resamples of each interval.
+        ffn_config: also prune each FFN site (the second configuration).
+    """
+
+    ks: tuple[float, ...]
+    random_seeds: int
+    n_test: int | None
+    bootstrap: int
+    ffn_config: bool
+
+    def __post_init__(self) -> None:
+        if not self.ks:
+            raise ValueError("txray-prune: ks is empty; give fractions such as (0.01, 0.05, 0.1)")
+        for k in self.ks:
+            set_size(k, 1)
+        if not isinstance(self.random_seeds, int) or self.random_seeds < 1:
+            raise ValueError(f"txray-prune: random_seeds={self.random_seeds!r} must be a positive integer")
+
 
 # Headline fixed before any measurement: at the head-read site, the mean over k of
 # (change in test accuracy when the k most-changed units are zeroed) - (mean change for random
@@ -38,35 +63,14 @@ log = logging.getLogger(__name__)
 SPEC = TaskSpec(
     name="txray-prune", version=1, verb="relevance", model="minilm-polarity", parent="minilm",
     data="polarity", sites="ffn", headline="txray-prune.head.most_vs_random", no_skill=0.0,
-    params=(("ks", (0.01, 0.05, 0.1)), ("random_seeds", 8), ("n_test", 200), ("bootstrap", 1000),
-            ("ffn_config", True)),
+    params=Params(ks=(0.01, 0.05, 0.1), random_seeds=8, n_test=200, bootstrap=1000, ffn_config=True),
     quick=(("model", "minilm-polarity-tiny"), ("parent", "minilm-polarity-tiny"), ("ks", (0.05, 0.2)),
            ("random_seeds", 3), ("n_test", 64), ("bootstrap", 200)),
     description="change in test accuracy (either sign) from zeroing a method's most / least changed "
                 "units of the head-read state (and of each FFN site) minus random units of the site")
 
 MOST, LEAST, RANDOM = "most", "least", "random"
-_RANDOM_STREAM = 3  # prune uses 1 and 2; the tie stream is 0
-
-
-@dataclass(frozen=True)
-class Params:
-    ks: tuple[float, ...]
-    random_seeds: int
-    n_test: int | None
-    bootstrap: int
-    ffn_config: bool
-
-
-def _params(spec: TaskSpec) -> Params:
-    p = Params(tuple(float(k) for k in spec.param("ks")), spec.param("random_seeds"), spec.param("n_test"),
-               int(spec.param("bootstrap")), bool(spec.param("ffn_config")))
-    for k in p.ks:
-        set_size(k, 1)
-    if not p.ks or not isinstance(p.random_seeds, int) or p.random_seeds < 1:
-        raise ValueError(f"txray-prune: ks={p.ks!r} must be non-empty and random_seeds={p.random_seeds!r} "
-                         "a positive integer")
-    return p
+_RANDOM_STREAM, _BOOT_STREAM = 3, 4  # prune uses 1 and 2; the tie stream is 0
 
 
 def tie_broken(scores: np.ndarray, chosen: np.ndarray) -> int:
@@ -100,7 +104,7 @@ def add_site_sets(plan: PrunePlan, index: NeuronIndex, site: Site, scores: torch
 
 
 def summarise_site(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, acc: np.ndarray, site: Site,
-                   ks, ties: dict, boot: _Bootstrap, prefix: str) -> tuple[list[Record], np.ndarray]:
+                   ks, ties: dict, boot: PairedBootstrap, prefix: str) -> tuple[list[Record], np.ndarray]:
     """Per k: accuracy change (pruned - full; positive = pruning helped) of the most, least and
     random sets, and most/least minus random; and their means over k. Returns the records and the
     (2, S, n) per-seed means over k of most - random and least - random."""
@@ -110,7 +114,8 @@ def summarise_site(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, acc:
         value, low, high = boot.ci(np.atleast_2d(per_seed))
         return record(spec, method, f"txray-prune.{prefix}.{metric}", value, seed, k=k, ci_low=low, ci_high=high)
 
-    out, means = [], np.zeros((2, boot.n_seeds, len(full)))
+    n_seeds = len(plan.rows[(f"{site}/{RANDOM}", ks[0])])
+    out, means = [], np.zeros((2, n_seeds, len(full)))
     for k in ks:
         change = {kind: acc[plan.rows[(f"{site}/{kind}", k)]] - full[None] for kind in (MOST, LEAST, RANDOM)}
         for kind, values in change.items():
@@ -124,11 +129,11 @@ def summarise_site(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, acc:
     return out, means
 
 
-@register_task(SPEC)
+@register_task(SPEC, Params, Provides(labels=True, gradients=True))
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     """Ask `method.relevance` once (train split, both stages) about the head-read state and the FFN
     sites, zero most / least / random k-sets of each site, and score test accuracy both ways."""
-    p = _params(spec)
+    p = Params.of(spec)
     corpus = load(spec.data, spec.split_seed)
     child = env.model(spec.model)
     parent = env.model(spec.parent) if spec.parent else None
@@ -140,16 +145,13 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     ctx = MethodContext(model=child, sites=(head, *ffn), data=train, data_id=data_id, seed=env.seed,
                         label_names=corpus.label_names, parent=parent, cache=env.cache)
     answer = call_verb(method, spec.verb, ctx)
-    if isinstance(answer, NotApplicable):
-        log.info("%s", answer)
-        return [record(spec, method.name, "txray-prune.not_applicable", None, env.seed, status="not_applicable")]
     test = env.scoring_subset(corpus.splits["test"], p.n_test, spec.split_seed)
     plan, ties = PrunePlan(), {}
     for site in ctx.sites:
         ties[site] = add_site_sets(plan, ctx.index, site, answer.overall(), p.ks, p.random_seeds, env.seed)
     known = env.memo(("txray-prune.sets", spec.fingerprint(), env.split, env.hidden_seed), dict)
     acc = evaluate_plan(child, test, ctx.index, plan, "zero", None, known)[..., 0]  # (sets, n) correct
-    boot = _Bootstrap(acc.shape[1], p.random_seeds, p.bootstrap, env.seed)
+    boot = PairedBootstrap(acc.shape[1], p.bootstrap, env.seed, _BOOT_STREAM)
     value, low, high = boot.ci(acc[:1])
     out = [record(spec, method.name, "txray-prune.full_accuracy", value, env.seed, ci_low=low, ci_high=high)]
     per_ffn = []

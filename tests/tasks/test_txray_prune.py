@@ -11,7 +11,8 @@ import torch
 from neuronbench.harness.engine import data
 from neuronbench.harness.engine.method import Method, get_method
 from neuronbench.harness.engine.sites import NeuronIndex, Site
-from neuronbench.harness.suite.task import RunEnv
+from neuronbench.harness.suite.runner import run_one
+from neuronbench.harness.suite.task import TASKS, RunEnv
 from neuronbench.tasks import txray_prune
 from neuronbench.tasks.prune import PrunePlan
 from conftest import quick_zoo_home
@@ -31,7 +32,7 @@ def _sharp_run(model, method: Method, tmp_cache=None, **params):
     spec = dataclasses.replace(QUICK, model=SHARP, parent=None,
                                params=tuple({**dict(QUICK.params), **params}.items()))
     env = RunEnv(seed=0, cache=tmp_cache, progress=False, _models={SHARP: model})
-    return txray_prune.score(spec, method, env)
+    return run_one(TASKS.get("txray-prune"), spec, method, env)
 
 
 def _by_metric(records):
@@ -40,7 +41,7 @@ def _by_metric(records):
 
 def test_quick_spec_runs_with_both_configurations_and_intervals(quick_home, tmp_cache):
     env = RunEnv(seed=0, quick=True, cache=tmp_cache, progress=False)
-    records = txray_prune.score(QUICK, get_method("random"), env)
+    records = run_one(TASKS.get("txray-prune"), QUICK, get_method("random"), env)
     got = _by_metric(records)
     assert (QUICK.headline, None) in got and ("txray-prune.ffn.most_vs_random", None) in got
     for r in records:
@@ -93,5 +94,5 @@ def test_a_method_without_relevance_gets_a_not_applicable_record(sharp, tmp_cach
 
 def test_bad_parameters_are_rejected(sharp):  # noqa: F811
     with pytest.raises(ValueError, match="random_seeds"):
-        _sharp_run(sharp, get_method("random"), random_seeds=0)
+        txray_prune.Params(ks=(0.1,), random_seeds=0, n_test=8, bootstrap=10, ffn_config=False)
     assert np.isfinite(txray_prune.tie_broken(np.zeros(3), np.array([0])))
