@@ -198,6 +198,19 @@ def evaluate(loaded: LoadedModel, gates: nn.Module, batches, seed: int) -> tuple
     return float(torch.cat(kls).mean()), float(torch.cat(l0s).mean())
 
 
+def _step(loaded: LoadedModel, gates: nn.Module, batch_logits, generator, optimisers, eps: float):
+    """One descent step of the gates and one ascent step of the multiplier; (mean KL, mean L0)."""
+    opt, schedule, lagrange = optimisers
+    kl_B, l0_B = _masked_pass(loaded, gates, *batch_logits, generator)
+    loss = (lagrange(kl_B - eps) + l0_B).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    schedule.step()
+    lagrange.ascend()
+    return float(kl_B.detach().mean()), float(l0_B.detach().mean())
+
+
 def _optimiser(gates: nn.Module, cfg: DiffMaskConfig, lr: float):
     named = list(gates.named_parameters())
     groups = [{"params": [p for n, p in named if not n.startswith("baseline")], "lr": lr}]
@@ -234,16 +247,9 @@ def fit_gates(loaded: LoadedModel, train_b: list, dev_b: list, gates: nn.Module,
         for step in range(1, cfg.steps + 1):
             if not order:
                 order = torch.randperm(len(train_b), generator=order_gen).tolist()
-            batch, logits_orig = train_b[order.pop()]
-            kl_B, l0_B = _masked_pass(loaded, gates, batch, logits_orig, sample_gen)
-            loss = (lagrange(kl_B - cfg.eps) + l0_B).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-            lagrange.ascend()
-            for key, value in (("step", step), ("kl", kl_B.mean()), ("l0", l0_B.mean()), ("lagrange", lagrange.value)):
-                curves[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+            kl, l0 = _step(loaded, gates, train_b[order.pop()], sample_gen, (opt, schedule, lagrange), cfg.eps)
+            for key, value in (("step", step), ("kl", kl), ("l0", l0), ("lagrange", float(lagrange.value))):
+                curves[key].append(value)
             if step % cfg.eval_every and step != cfg.steps:
                 continue
             dev_kl, dev_l0 = evaluate(loaded, gates, dev_b, seed + 2)

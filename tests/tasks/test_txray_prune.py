@@ -49,7 +49,7 @@ def test_quick_spec_runs_with_both_configurations_and_intervals(quick_home, tmp_
             assert r.ci_low <= r.value <= r.ci_high, r
     layers = range(env.model(QUICK.model).num_layers)
     for prefix in ["head"] + [f"ffn.{layer}" for layer in layers]:
-        for k in QUICK.param("ks"):
+        for k in dict(QUICK.params)["ks"]:
             for kind in ("most", "least", "random"):
                 assert (f"txray-prune.{prefix}.delta_acc.{kind}", k) in got
             assert (f"txray-prune.{prefix}.least_tie_broken_share", k) in got
@@ -74,7 +74,7 @@ def test_sets_stay_in_their_site_and_ties_are_counted():
 
 
 def test_an_oracle_moves_accuracy_beyond_random_units(sharp, tmp_cache):  # noqa: F811
-    test = data.subsample(data.load("polarity").splits["test"], QUICK.param("n_test"), QUICK.split_seed)
+    test = data.subsample(data.load("polarity").splits["test"], dict(QUICK.params)["n_test"], QUICK.split_seed)
     params = dict(ffn_config=False, ks=(0.2, 0.5), random_seeds=6)
     got = _by_metric(_sharp_run(sharp, Oracle(test), tmp_cache, **params))
     chance = _by_metric(_sharp_run(sharp, get_method("random"), tmp_cache, **params))
