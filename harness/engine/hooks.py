@@ -25,10 +25,22 @@ def _resid_hook(fn: SiteFn):
     return hook
 
 
-def _ffn_pre_hook(fn: SiteFn):
+def _ffn_pre_hook(fn: SiteFn, lead: dict[str, torch.Size]):
     def hook(module, args):
-        new = fn(args[0])
-        return None if new is None else (new, *args[1:])
+        acts = args[0]
+        if acts.dim() == 2 and "shape" in lead:  # e.g. OPT flattens tokens to (B*T, N) around its MLP
+            acts = acts.view(*lead["shape"], acts.shape[-1])
+        new = fn(acts)
+        return None if new is None else (new.view_as(args[0]), *args[1:])
+    return hook
+
+
+def _block_shape_hook(lead: dict[str, torch.Size]):
+    """Remember the (B, T) of the block's input, to give a flattened FFN input back its shape."""
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+            lead["shape"] = hidden.shape[:-1]
     return hook
 
 
@@ -36,8 +48,9 @@ def _ffn_pre_hook(fn: SiteFn):
 def site_hooks(model: nn.Module, fns: dict[Site, SiteFn]) -> Iterator[None]:
     """Run `fns[site]` on each site's activations during forward passes inside the block.
 
-    `resid` sites hook the block's output; `ffn` sites hook the input of the FFN down projection.
-    Hooks run in the order of `fns`, after any hooks already on the module.
+    `resid` sites hook the block's output; `ffn` sites hook the input of the FFN down projection
+    (seen as (B, T, N) even where the block flattens tokens). Hooks run in the order of `fns`, after
+    any hooks already on the module.
     """
     handles = []
     try:
@@ -46,7 +59,10 @@ def site_hooks(model: nn.Module, fns: dict[Site, SiteFn]) -> Iterator[None]:
             if site.kind == "resid":
                 handles.append(module.register_forward_hook(_resid_hook(fn)))
             else:
-                handles.append(module.register_forward_pre_hook(_ffn_pre_hook(fn)))
+                lead: dict[str, torch.Size] = {}
+                block = site_module(model, Site.resid(site.layer))
+                handles.append(block.register_forward_pre_hook(_block_shape_hook(lead), with_kwargs=True))
+                handles.append(module.register_forward_pre_hook(_ffn_pre_hook(fn, lead)))
         yield
     finally:
         for handle in handles:

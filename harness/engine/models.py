@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,21 +24,34 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where an architecture keeps its blocks and FFN down projection (paths from `base_model`)."""
+    """Where an architecture keeps its blocks and FFN (paths from `base_model`, then from a block).
+
+    Found from the module structure by `arch_spec` (see `resolve_arch`); `ARCHS` holds overrides.
+
+    Attributes:
+        layers: the repeated blocks (an `nn.ModuleList`), from `base_model`.
+        down_proj: the FFN's down (output) projection, from a block: its input is the `ffn` site.
+        up_proj: the projections that read the block's stream and produce the FFN's input, from a
+            block: `(up,)` for a plain MLP, `(gate, up)` for a gated one (`act(gate) * up`; the gate
+            first when its name says so), or one fused `gate_up` projection of twice the FFN width
+            (`fused_gate_up`; gate half first, as Phi-3 splits it). Empty in overrides written
+            before this field existed.
+        fused_gate_up: `up_proj` is a single projection holding gate and up.
+    """
 
     layers: str
     down_proj: str
+    up_proj: tuple[str, ...] = ()
+    fused_gate_up: bool = False
+
+    @property
+    def gated(self) -> bool:
+        return self.fused_gate_up or len(self.up_proj) == 2
 
 
-_BERT = ArchSpec("encoder.layer", "output.dense")
-_LLAMA = ArchSpec("layers", "mlp.down_proj")
-ARCHS: dict[str, ArchSpec] = {
-    "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "electra": _BERT, "camembert": _BERT,
-    "distilbert": ArchSpec("transformer.layer", "ffn.lin2"),
-    "gpt2": ArchSpec("h", "mlp.c_proj"),
-    "gpt_neox": ArchSpec("layers", "mlp.dense_4h_to_h"),
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
-}
+# Overrides by `model_type`, for an architecture whose structure `resolve_arch` cannot read (or
+# reads wrongly). Empty: every family the tests build resolves from its structure.
+ARCHS: dict[str, ArchSpec] = {}
 
 MODEL_KINDS = ("base", "causal-lm", "classifier")
 
@@ -87,6 +101,8 @@ class LoadedModel:
         name: what the user asked for (alias, id or path).
         source: the id or folder it was loaded from.
         kind: `base`, `causal-lm` or `classifier`.
+        new_weights: parameters the checkpoint lacked, newly initialised on load (transformers'
+            `missing_keys`): a task head listed here was never trained.
     """
 
     model: nn.Module
@@ -95,7 +111,17 @@ class LoadedModel:
     source: str
     kind: str
     revision: str | None = None
+    new_weights: tuple[str, ...] = ()
     _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def untrained_head(self) -> tuple[str, ...]:
+        """A classifier's head parameters that were newly initialised on load (empty when trained,
+        and for other kinds)."""
+        if self.kind != "classifier":
+            return ()
+        prefix = getattr(self.model, "base_model_prefix", "") + "."
+        return tuple(w for w in self.new_weights if not w.startswith(prefix))
 
     @property
     def config(self):
@@ -163,12 +189,114 @@ class LoadedModel:
 
 
 def arch_spec(model: nn.Module) -> ArchSpec:
+    """Where `model` keeps its blocks and FFN: the override in `ARCHS` for its `model_type`, else
+    what `resolve_arch` reads from its structure (once per model object)."""
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in ARCHS:
+    if model_type in ARCHS:
+        return ARCHS[model_type]
+    if model not in _RESOLVED:
+        _RESOLVED[model] = resolve_arch(model)
+    return _RESOLVED[model]
+
+
+_RESOLVED: "weakref.WeakKeyDictionary[nn.Module, ArchSpec]" = weakref.WeakKeyDictionary()
+_ATTENTION = ("attention", "attn")  # class-name parts of attention modules, whose projections are not the FFN
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a linear layer: `nn.Linear` and subclasses, or transformers' `Conv1D` (GPT-2),
+    which stores its weight as (in, out); None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0]), int(weight.shape[1])
+    return None
+
+
+def _blocks_path(base: nn.Module) -> str:
+    """The `nn.ModuleList` of same-class modules holding linear layers with the most parameters."""
+    best, size = None, -1
+    for name, module in base.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0 or not name:
+            continue
+        if len({type(m) for m in module}) != 1 or not any(linear_dims(m) for m in module[0].modules()):
+            continue
+        n = sum(p.numel() for p in module.parameters())
+        if n > size:
+            best, size = name, n
+    if best is None:
+        raise ValueError(f"{type(base).__name__} has no repeated transformer blocks (an nn.ModuleList of "
+                         "same-class modules with linear layers): NeuronBench cannot place its sites. "
+                         "Register an override with harness.engine.models.register_arch")
+    return best
+
+
+def _ffn_linears(block: nn.Module, hidden: int) -> tuple[str, list[tuple[str, int]], int]:
+    """(down path, [(up path, out width)], FFN width) of a block, outside its attention modules."""
+    inside_attention: set[str] = set()
+    linears: list[tuple[str, int, int]] = []
+    for name, module in block.named_modules():
+        if any(name.startswith(p + ".") for p in inside_attention):
+            continue
+        if name and any(part in type(module).__name__.lower() for part in _ATTENTION):
+            inside_attention.add(name)
+            continue
+        dims = linear_dims(module)
+        if dims:
+            linears.append((name, *dims))
+    downs = [(name, d_in) for name, d_in, d_out in linears if d_out == hidden and d_in != hidden]
+    ups = {d_in: [(name, d_out) for name, i, d_out in linears if i == hidden and d_out in (d_in, 2 * d_in)]
+           for _, d_in in downs}
+    found = [(name, d_in) for name, d_in in downs if ups[d_in]]
+    if len(found) != 1:
+        seen = ", ".join(f"{n} ({i}->{o})" for n, i, o in linears) or "none"
+        why = "several candidates" if found else "none"
         raise ValueError(
-            f"architecture {model_type!r} is not supported for neuron sites; supported: "
-            f"{', '.join(sorted(ARCHS))}. Add an ArchSpec for it in harness/engine/models.py")
-    return ARCHS[model_type]
+            f"no recognisable MLP in {type(block).__name__} ({why}): looked for one linear layer outside "
+            f"attention mapping the FFN width F -> hidden size {hidden} (the down projection), fed by "
+            f"linear layers mapping {hidden} -> F (up, gate) or {hidden} -> 2F (fused gate_up); its linear "
+            f"layers outside attention: {seen}. Register an override with harness.engine.models.register_arch")
+    down, width = found[0]
+    return down, ups[width], width
+
+
+def resolve_arch(model: nn.Module) -> ArchSpec:
+    """Read an `ArchSpec` from the module structure.
+
+    The blocks are the largest `nn.ModuleList` of same-class modules with linear layers under
+    `base_model`. In the first block, outside modules whose class name contains "Attention"/"Attn",
+    the down projection is the one linear layer (`nn.Linear` or `Conv1D`) mapping some width F to
+    the hidden size H for which linear layers H -> F (up, and a gate when gated) or H -> 2F (a fused
+    gate/up) exist.
+
+    Raises:
+        ValueError: no blocks, or no (or no single) recognisable MLP; the message names what was
+            looked for and the block's linear layers.
+    """
+    base = model.base_model
+    layers = _blocks_path(base)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = getattr(config, "hidden_size", None)
+    block = _get(base, layers)[0]
+    if not isinstance(hidden, int):
+        raise ValueError(f"{type(model).__name__}'s config has no integer hidden_size: NeuronBench cannot "
+                         "tell the residual width. Register an override with harness.engine.models.register_arch")
+    down, ups, width = _ffn_linears(block, hidden)
+    fused = [name for name, out in ups if out == 2 * width]
+    plain = sorted((name for name, out in ups if out == width), key=lambda n: "gate" not in n.rsplit(".", 1)[-1])
+    if fused and not plain:
+        return ArchSpec(layers, down, (fused[0],), fused_gate_up=True)
+    if len(plain) > 2:
+        raise ValueError(f"{type(block).__name__}: {len(plain)} projections feed the FFN ({', '.join(plain)}); "
+                         "expected an up projection and at most a gate. Register an override with "
+                         "harness.engine.models.register_arch")
+    return ArchSpec(layers, down, tuple(plain))
+
+
+def register_arch(model_type: str, spec: ArchSpec) -> None:
+    """Override structural resolution for every model of `model_type` (paths as in `ArchSpec`)."""
+    ARCHS[model_type] = spec
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:
@@ -197,12 +325,9 @@ def site_module(model: nn.Module, site: Site) -> nn.Module:
 
 
 def site_width(model: nn.Module, site: Site) -> int:
-    if site.kind == "resid":
-        check_site(model, site)
-        return int(model.config.hidden_size)
-    proj = site_module(model, site)
-    # nn.Linear has in_features; GPT-2's Conv1D stores its weight as (in, out).
-    return int(getattr(proj, "in_features", None) or proj.weight.shape[0])
+    check_site(model, site)
+    d_in, d_out = linear_dims(_get(layer_modules(model)[site.layer], arch_spec(model).down_proj))
+    return d_out if site.kind == "resid" else d_in
 
 
 def model_fingerprint(model: nn.Module, revision: str | None = None) -> str:
@@ -331,13 +456,12 @@ def load_model(name: str, kind: str = "auto", device: str | torch.device | None 
     source, zoo_revision = resolve_ref(name)
     revision = revision or zoo_revision
     config = _load_config(name, source, revision)
-    if config.model_type not in ARCHS:
-        raise ValueError(f"model {name!r} has architecture {config.model_type!r}, which NeuronBench "
-                         f"cannot hook; supported: {', '.join(sorted(ARCHS))}")
     kind, auto = _auto_class(kind, config)
+    check_structure(name, auto, config)
     try:
-        model = auto.from_pretrained(source, revision=revision,
-                                     **(placement.kwargs() if placement else {})).eval()
+        model, info = auto.from_pretrained(source, revision=revision, output_loading_info=True,
+                                           **(placement.kwargs() if placement else {}))
+        model.eval()
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"cannot load model {name!r} from {source}: {type(err).__name__}: "
@@ -345,7 +469,8 @@ def load_model(name: str, kind: str = "auto", device: str | torch.device | None 
                          "complete weights, tokenizer files); write it again or use another model") from None
     check_tokenizer(tokenizer, model, name, source)
     loaded = LoadedModel(model, prepare_tokenizer(tokenizer), name, source, kind,
-                         revision=getattr(config, "_commit_hash", None) if revision else None)
+                         revision=getattr(config, "_commit_hash", None) if revision else None,
+                         new_weights=tuple(sorted(info.get("missing_keys") or ())))
     if placement is not None:
         log.info("%s dispatched: %s", name, getattr(model, "hf_device_map", None))
         return loaded
@@ -380,6 +505,21 @@ def check_tokenizer(tokenizer, model: nn.Module, name: str, source: str) -> None
     raise ValueError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the model has {rows} "
                      f"embeddings, so most words would become unknown tokens. {where}: save the tokenizer "
                      "beside the model (tokenizer.save_pretrained(folder))")
+
+
+def check_structure(name: str, auto, config) -> None:
+    """Resolve the sites of an empty (meta-device) model built from `config`, so that an
+    architecture NeuronBench cannot hook fails before its weights are read."""
+    try:
+        with torch.device("meta"):
+            empty = auto.from_config(config)
+    except Exception as err:  # noqa: BLE001 (a config that cannot be built empty is checked after loading)
+        log.debug("cannot build %s on the meta device (%s); its sites are checked after loading", name, err)
+        return
+    try:
+        arch_spec(empty)
+    except ValueError as err:
+        raise ValueError(f"model {name!r} ({config.model_type}): {err}") from None
 
 
 def prepare_tokenizer(tokenizer):

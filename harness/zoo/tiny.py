@@ -6,6 +6,7 @@ import torch
 from ..engine.models import LoadedModel, prepare_tokenizer
 
 TINY_ARCHS = ("bert", "gpt2", "gpt_neox", "llama")
+_ENCODERS = ("bert", "roberta", "distilbert", "electra")
 
 _DEFAULT_TEXT = (
     "the cat sat on the mat . a dog was running in the park while the children were playing . "
@@ -53,27 +54,48 @@ def tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 80, cls_sep
     return prepare_tokenizer(fast)
 
 
+def _family_kwargs(layers: int, hidden: int, ffn: int) -> dict[str, tuple[str, dict]]:
+    """Family -> (config class name, its size arguments), for `tiny_config`."""
+    std = dict(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=ffn, num_attention_heads=2,
+               max_position_embeddings=128)
+    dec = dict(std, num_key_value_heads=2, bos_token_id=2, eos_token_id=3)
+    gpt = dict(n_layer=layers, n_embd=hidden, n_inner=ffn, n_head=2, n_positions=128, bos_token_id=2, eos_token_id=3)
+    return {
+        "bert": ("BertConfig", std), "roberta": ("RobertaConfig", std), "electra": ("ElectraConfig", std),
+        "distilbert": ("DistilBertConfig", dict(n_layers=layers, dim=hidden, hidden_dim=ffn, n_heads=2,
+                                                max_position_embeddings=128)),
+        "gpt2": ("GPT2Config", gpt), "gptj": ("GPTJConfig", dict(gpt, rotary_dim=8)),
+        "gpt_neox": ("GPTNeoXConfig", dict(std, bos_token_id=2, eos_token_id=3)),
+        "opt": ("OPTConfig", dict(num_hidden_layers=layers, hidden_size=hidden, ffn_dim=ffn, num_attention_heads=2,
+                                  max_position_embeddings=128, word_embed_proj_dim=hidden, bos_token_id=2,
+                                  eos_token_id=3)),
+        "llama": ("LlamaConfig", dec), "mistral": ("MistralConfig", dec), "qwen2": ("Qwen2Config", dec),
+        "qwen3": ("Qwen3Config", dict(dec, head_dim=hidden // 2)), "gemma": ("GemmaConfig", dict(dec, head_dim=hidden // 2)),
+        "gemma2": ("Gemma2Config", dict(dec, head_dim=hidden // 2)),
+        "gemma3_text": ("Gemma3TextConfig", dict(dec, head_dim=hidden // 2)),
+        "phi3": ("Phi3Config", dec), "olmo": ("OlmoConfig", dec), "olmo2": ("Olmo2Config", dec),
+        "falcon": ("FalconConfig", dict(num_hidden_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+                                        num_attention_heads=2, bos_token_id=2, eos_token_id=3)),
+        "stablelm": ("StableLmConfig", dec),
+    }
+
+
+# Every family `tiny_config` builds: the encoder and decoder families transformers ships with a
+# standard (plain or gated) MLP. The harness's own tests run on TINY_ARCHS; the families test
+# (tests/harness/engine/test_families.py) runs site resolution, hooks and ablation on all of them.
+TINY_FAMILIES = tuple(_family_kwargs(1, 8, 16))
+
+
 def tiny_config(arch: str, vocab_size: int, layers: int = 2, hidden: int = 32, ffn: int = 64,
                 num_labels: int = 2):
-    """A small config of `arch` (one of TINY_ARCHS)."""
+    """A small config of `arch` (one of TINY_FAMILIES)."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, num_labels=num_labels, pad_token_id=0)
-    if arch == "bert":
-        return tf.BertConfig(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=ffn,
-                             num_attention_heads=2, max_position_embeddings=128, **common)
-    if arch == "gpt2":
-        return tf.GPT2Config(n_layer=layers, n_embd=hidden, n_inner=ffn, n_head=2, n_positions=128,
-                             bos_token_id=2, eos_token_id=3, **common)
-    if arch == "gpt_neox":
-        return tf.GPTNeoXConfig(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=ffn,
-                                num_attention_heads=2, max_position_embeddings=128,
-                                bos_token_id=2, eos_token_id=3, **common)
-    if arch == "llama":
-        return tf.LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=ffn,
-                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                              bos_token_id=2, eos_token_id=3, **common)
-    raise ValueError(f"no tiny config for {arch!r}; use one of {TINY_ARCHS}")
+    table = _family_kwargs(layers, hidden, ffn)
+    if arch not in table:
+        raise ValueError(f"no tiny config for {arch!r}; use one of {TINY_FAMILIES}")
+    cls, kwargs = table[arch]
+    return getattr(tf, cls)(vocab_size=vocab_size, num_labels=num_labels, pad_token_id=0, **kwargs)
 
 
 def tiny_model(arch: str = "bert", kind: str = "base", seed: int = 0, tokenizer=None,
@@ -81,15 +103,15 @@ def tiny_model(arch: str = "bert", kind: str = "base", seed: int = 0, tokenizer=
     """A randomly initialised tiny model of `arch`, seeded, as a LoadedModel.
 
     Args:
-        arch: one of TINY_ARCHS.
+        arch: one of TINY_FAMILIES (TINY_ARCHS are the ones the harness's own tests use).
         kind: `base`, `causal-lm` or `classifier`.
         seed: initialisation seed.
-        tokenizer: defaults to `tiny_tokenizer()` (with [CLS]/[SEP] only for BERT).
+        tokenizer: defaults to `tiny_tokenizer()` ([CLS]/[SEP] for the encoder families only).
         **config_kwargs: passed to `tiny_config` (layers, hidden, ffn, num_labels).
     """
     import transformers as tf
 
-    tokenizer = tokenizer or tiny_tokenizer(cls_sep=arch == "bert")
+    tokenizer = tokenizer or tiny_tokenizer(cls_sep=arch in _ENCODERS)
     config = tiny_config(arch, len(tokenizer), **config_kwargs)
     auto = {"base": tf.AutoModel, "causal-lm": tf.AutoModelForCausalLM,
             "classifier": tf.AutoModelForSequenceClassification}[kind]
