@@ -23,7 +23,9 @@ def load_file(path: str | Path, *, format: str | None = None, text_column: str =
     "sentence" when the label column exists, else "lm"; labels are mapped to 0..K-1 in sorted
     order (numerically when all are integers) and their names kept. "tagged" (.txt) reads one
     example per line of space-separated `word/TAG` tokens (split on the last '/') as kind "tokens";
-    "text" reads one example per non-blank line as kind "lm". Blank lines are skipped.
+    "text" reads one example per non-blank line as kind "lm". Blank lines are skipped. A .txt file
+    is "tagged" when a token of its first non-blank line holds a '/', else "text" (plain text for
+    language-model tasks).
 
     Args:
         path: the file.
@@ -40,6 +42,8 @@ def load_file(path: str | Path, *, format: str | None = None, text_column: str =
         raise FileNotFoundError(f"no data file at {path}: check the path (or use a registered "
                                 f"dataset: {', '.join(data_names())})")
     fmt = format or _SUFFIX_FORMATS.get(path.suffix.lower())
+    if fmt == "tagged" and format is None and not _looks_tagged(path):
+        fmt = "text"
     if fmt not in FORMATS:
         raise ValueError(f"cannot read {path} as format {fmt!r}: pass --format one of {FORMATS} (format= in Python)")
     if _is_blank(path):
@@ -74,6 +78,15 @@ def read_tagged(path: Path, name: str | None = None) -> DataSpec:
     columns = {"words": [w for w, _ in sentences],
                "word_labels": [[index[t] for t in tags] for _, tags in sentences]}
     return DataSpec.from_columns(name or str(path), "tokens", columns, label_names=vocab)
+
+
+def _looks_tagged(path: Path) -> bool:
+    """Whether a .txt file's first non-blank line has a token with a '/' (word/TAG)."""
+    with path.open(encoding="utf-8-sig", errors="replace") as fh:
+        for line in fh:
+            if line.strip():
+                return any("/" in token for token in line.split())
+    return True
 
 
 def _text_lines(path: Path) -> list[tuple[int, str]]:
