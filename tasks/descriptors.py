@@ -57,7 +57,7 @@ from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.tasks._planting import Planted, ffn_inputs, fit_detectors, plant_units
 from neuronbench.harness.engine.records import Record
 from neuronbench.harness.engine.sites import Site
-from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
+from neuronbench.harness.suite.task import RunEnv, Takes, TaskParams, TaskSpec, record, register_task
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,8 @@ SPEC = TaskSpec(
                   n_planted=36, planted_layer=-1, max_planted_size=3, planted_gain=10.0, ridge=1e-3,
                   ks=(1, 2, 5), bootstrap=1000, limit=None),
     quick=(("model", "minilm-polarity-tiny"), ("n_planted", 12), ("bootstrap", 200), ("limit", 300)),
-    description="P@k/R@k of per-neuron descriptors vs held-out AUROC truth (resid) and planted FFN units")
+    description="P@k/R@k of per-neuron descriptors vs held-out AUROC truth (resid) and planted FFN units",
+    takes=Takes(models=("base", "classifier", "causal-lm")))
 
 # Permutations of the shuffled-answer null (see `shuffled_at_k`) and its generator stream.
 _SHUFFLES, _SHUFFLE_STREAM = 20, 11

@@ -17,7 +17,7 @@ from neuronbench.harness.engine.catalogue import ModelRef
 from neuronbench.harness.engine.data import load, subsample
 from neuronbench.harness.engine.method import Method, MethodContext, Provides, call_verb
 from neuronbench.harness.engine.metrics import kendall, spearman
-from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
+from neuronbench.harness.suite.task import RunEnv, Takes, TaskParams, TaskSpec, record, register_task
 from neuronbench.harness.zoo.train import lm_loss, token_stream
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ SPEC = TaskSpec(
     params=Params(valid_tokens=50_000, seq_len=64, method_lines=1000, bootstrap=1000),
     quick=(("model", "ptb-lm-tiny"), ("valid_tokens", 512), ("seq_len", 16), ("method_lines", 40),
            ("bootstrap", 200)),
-    description="Spearman/Kendall of stage change vs log-perplexity improvement between checkpoints")
+    description="Spearman/Kendall of stage change vs log-perplexity improvement between checkpoints",
+    takes=Takes(models=("trajectory",)))
 
 
 @torch.no_grad()

@@ -52,7 +52,7 @@ from neuronbench.harness.engine.metrics import PairedBootstrap
 from neuronbench.harness.engine.models import LoadedModel, load_model
 from neuronbench.harness.engine.ranking import rank_neurons, set_size
 from neuronbench.harness.engine.records import Record
-from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
+from neuronbench.harness.suite.task import RunEnv, Takes, TaskParams, TaskSpec, record, register_task
 from neuronbench.tasks._probe_recipe import ProbeData, control_tags, correct_counts, tag_distribution
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,9 @@ SPEC = TaskSpec(
     quick=(("model", "minilm-polarity-tiny"), ("ks", (0.1, 0.2)), ("random_seeds", 2), ("null_permutations", 2),
            ("n_test", 20), ("train_sentences", 60), ("lbfgs_steps", 15), ("bootstrap", 200)),
     description="POS accuracy of a probe retrained on a method's top-k resid neurons minus its bottom-k, "
-                "beyond what the method's ranking on permuted tags gets; control-task selectivity")
+                "beyond what the method's ranking on permuted tags gets; control-task selectivity",
+    takes=Takes(models=("base", "classifier", "causal-lm"),
+                data=tuple((kind, ("tokens",)) for kind in ("base", "classifier", "causal-lm"))))
 
 TOP, RANDOM, BOTTOM = "top", "random", "bottom"
 CONDITIONS = (TOP, RANDOM, BOTTOM)

@@ -15,6 +15,7 @@ from ..engine.cache import Cache
 from ..engine.method import METHODS, Method, get_method, not_applicable
 from ..engine.records import RESULTS, Record, headline_table, save_results, to_frame, utc_stamp
 from .journal import JOURNAL, Journal, Outcome, call_isolated
+from .inputs import check_inputs, default_parent
 from .task import TASKS, RunEnv, Task, TaskSpec, record
 from .verdicts import sanity_flags
 
@@ -28,7 +29,11 @@ class RunConfig:
     Attributes:
         tasks: task names (empty = all registered).
         methods: method names or `module:Class` (empty = every registered baseline).
-        model: replace each task's model (a compatible model of your own), or None.
+        model: replace each task's model (a compatible model of your own), or None. Checked
+            against each task's `Takes` before any work.
+        parent: the earlier stage of `model` for tasks that compare stages (default: the parent a
+            zoo entry records, else none, and stage methods are not applicable).
+        data: user data files (`--data`); each task takes the one whose kind it accepts.
         quick: apply each task's `--quick` overrides (tiny models, fewer k, seeds and examples).
         seed: the run's seed (method randomness, random neuron sets, bootstrap).
         out: folder for results.parquet and config.json, or None.
@@ -45,6 +50,8 @@ class RunConfig:
     tasks: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
     model: str | None = None
+    parent: str | None = None
+    data: tuple[str, ...] = ()
     quick: bool = False
     seed: int = 0
     out: str | None = None
@@ -59,7 +66,10 @@ class RunConfig:
 
 def resolve_spec(task: Task, config: RunConfig) -> TaskSpec:
     spec = task.spec.quick_version() if config.quick else task.spec
-    return replace(spec, model=config.model) if config.model else spec
+    if config.model:
+        parent = config.parent or default_parent(config.model)
+        return replace(spec, model=config.model, parent=parent if spec.parent else None)
+    return replace(spec, parent=config.parent) if config.parent and spec.parent else spec
 
 
 def run_one(task: Task, spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
@@ -116,9 +126,13 @@ def run_suite(config: RunConfig, progress: bool = True, hidden_seed: int | None 
     methods = [get_method(n) for n in method_names]
     env = RunEnv(seed=config.seed, quick=config.quick, cache=Cache(), progress=progress,
                  split=config.split, hidden_seed=hidden_seed)
+    checked = [resolve_spec(t, config) for t in tasks]
+    if config.model or config.parent or config.data:  # refusals come before the journal writes anything
+        checked = check_inputs(checked, env, bool(config.model), tuple(config.data))
+    resolved = {spec.name: spec for spec in checked}
     ranks = distributed.current()
     journal = _open_journal(config, resume) if ranks is None or ranks.is_main else None  # rank 0 journals
-    items = [(task, resolve_spec(task, config), method) for task in tasks for method in methods]
+    items = [(task, resolved[task.spec.name], method) for task in tasks for method in methods]
     run_id = journal.header["run_id"] if journal else uuid.uuid4().hex[:12]
     run_id, outcomes = _run_items(items, env, config, journal, run_id, progress)
     owner = distributed.owners(len(items), ranks, config.parallel)
@@ -129,10 +143,9 @@ def run_suite(config: RunConfig, progress: bool = True, hidden_seed: int | None 
         timings[_name(it)] = outcome.seconds
         if outcome.error:
             errors[_name(it)] = outcome.error if rank is None else f"rank {rank}: {outcome.error}"
-    specs = {t.spec.name: asdict(resolve_spec(t, config)) for t in tasks}
     record_config = {"run_id": run_id, "created": utc_stamp(),
-                     "config": asdict(config), "tasks": specs,
-                     "fingerprints": {n: resolve_spec(TASKS.get(n), config).fingerprint() for n in task_names},
+                     "config": asdict(config), "tasks": {n: asdict(s) for n, s in resolved.items()},
+                     "fingerprints": {n: s.fingerprint() for n, s in resolved.items()},
                      "methods": [m.name for m in methods], "seconds": timings, "errors": errors,
                      "not_applicable": dict(env.not_applicable)}
     if ranks is not None:

@@ -25,6 +25,36 @@ from ..engine.registry import Registry
 from ..zoo.build import build
 
 
+MODEL_KINDS = ("classifier", "causal-lm", "base", "trajectory")
+
+
+@dataclass(frozen=True)
+class Takes:
+    """What a task can run on: the runner checks `--model`, `--parent` and `--data` against it
+    before any work (see `inputs.check_inputs`).
+
+    Attributes:
+        models: the model kinds the task scores: `classifier`, `causal-lm`, `base` (a bare encoder
+            or any model read through its base) or `trajectory` (a zoo entry with checkpoints).
+        data: per model kind, the data kinds (`sentence`, `tokens`, `lm`; see `data.KINDS`) that
+            `--data` may give it; a model kind not listed takes no `--data`.
+        adapted: per model kind, how the task scores that kind where it differs from its default
+            model's kind (shown in errors and config.json).
+    """
+
+    models: tuple[str, ...]
+    data: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    adapted: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in (*self.models, *dict(self.data), *dict(self.adapted)) if k not in MODEL_KINDS]
+        if unknown:
+            raise ValueError(f"Takes: unknown model kinds {unknown}; use {MODEL_KINDS}")
+
+    def data_kinds(self, model_kind: str) -> tuple[str, ...]:
+        return dict(self.data).get(model_kind, ())
+
+
 @dataclass(frozen=True)
 class TaskParams:
     """A task's parameters: subclass it as a frozen dataclass, one field per parameter, whose
@@ -76,6 +106,10 @@ class TaskSpec:
             `Params.of(spec)`).
         quick: overrides of `model`, `parent` and parameters for `--quick` runs, as (name, value) pairs.
         description: one line for tables and pages.
+        takes: the model and data kinds the task accepts (not part of the fingerprint: it moves no
+            score). None: only its own model and data.
+        data_fingerprint: the content fingerprint of `data` when it is a user's file (`--data`);
+            part of the fingerprint only when set, so the records' `config_hash` follows the file.
     """
 
     name: str
@@ -91,6 +125,8 @@ class TaskSpec:
     params: TaskParams | tuple[tuple[str, Any], ...] = ()
     quick: tuple[tuple[str, Any], ...] = ()
     description: str = ""
+    takes: Takes | None = None
+    data_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if self.verb not in VERBS:
@@ -111,7 +147,11 @@ class TaskSpec:
                        params=tuple(params.items()), quick=())
 
     def fingerprint(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True, default=str)
+        fields = asdict(self)
+        del fields["takes"]
+        if fields["data_fingerprint"] is None:
+            del fields["data_fingerprint"]
+        text = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
