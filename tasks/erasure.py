@@ -1,6 +1,9 @@
 """`erasure`: ERASER comprehensiveness and sufficiency (AOPC) of a method's token-position
 attributions at each hidden layer of the polarity classifier, with DiffMask-style masking of hidden
-states by the layer's mean, against random position orders computed by the harness."""
+states by the layer's mean, against random position orders computed by the harness.
+
+On a causal LM (`--model`) the probability explained is that of the token the full model predicts
+after the whole text (its next-token distribution at the last real position)."""
 from __future__ import annotations
 
 import logging
@@ -19,7 +22,7 @@ from neuronbench.harness.engine.metrics import bootstrap_ci
 from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.harness.engine.records import Record
 from neuronbench.harness.engine.sites import Site
-from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
+from neuronbench.harness.suite.task import RunEnv, Takes, TaskParams, TaskSpec, record, register_task
 from neuronbench.tasks.prune import train_means
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,11 @@ SPEC = TaskSpec(
     quick=(("model", "minilm-polarity-tiny"), ("layers", (0,)), ("n_pool", 48), ("n_test", 24),
            ("random_seeds", 2), ("bootstrap", 200)),
     description="ERASER comprehensiveness (AOPC) of a method's top token positions at each hidden "
-                "layer, masked by the layer's mean, minus random positions")
+                "layer, masked by the layer's mean, minus random positions",
+    takes=Takes(models=("classifier", "causal-lm"),
+                data=(("classifier", ("sentence",)), ("causal-lm", ("sentence", "lm"))),
+                adapted=(("causal-lm", "p = probability of the token the full model predicts after the "
+                                       "whole text; no accuracy"),)))
 
 # Padded tokens per forward pass, masked copies included (the budget `prune` measured on 2 cores).
 EVAL_MAX_TOKENS = 8192
@@ -110,20 +117,33 @@ def erasure_masks(order: np.ndarray, length: int, fractions: tuple[float, ...]) 
     return masks
 
 
+def class_logits(model: LoadedModel, logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, C) what erasure explains: a classifier's logits, or a causal LM's next-token logits
+    after each example's last real token (the token it predicts after the whole text)."""
+    if model.kind != "causal-lm":
+        return logits
+    last = attention_mask.sum(1) - 1
+    return logits[torch.arange(len(last), device=logits.device), last]
+
+
 def masked_probs(model: LoadedModel, enc: Encoded, layer: int | None, masks: list[np.ndarray],
-                 baseline: torch.Tensor | None, max_tokens: int = EVAL_MAX_TOKENS) -> np.ndarray:
+                 baseline: torch.Tensor | None, max_tokens: int = EVAL_MAX_TOKENS,
+                 pick: np.ndarray | None = None) -> np.ndarray:
     """Class probabilities with masked positions' hidden states at `resid.layer` set to `baseline`.
 
     Args:
-        model: a sequence classifier.
+        model: a sequence classifier, or a causal LM (its next-token distribution after the text).
         enc: the examples (special tokens in `input_ids`).
         layer: the block whose output is masked; None runs the unmasked model.
         masks: per example, (V, T_i) bool, True = replace that position (V variants per example).
         baseline: (H,) the replacement hidden state.
         max_tokens: padded tokens per forward pass, copies included.
+        pick: (n,) one class per example: return only its probability (a causal LM's vocabulary
+            makes the full table large).
 
     Returns:
-        (V, n_examples, n_classes) float64, several variants per forward pass.
+        (V, n_examples, n_classes) float64, or (V, n_examples) with `pick`; several variants per
+        forward pass.
     """
     V = masks[0].shape[0]
     lengths = [len(x) for x in enc.input_ids]
@@ -133,7 +153,7 @@ def masked_probs(model: LoadedModel, enc: Encoded, layer: int | None, masks: lis
     def fn(acts: torch.Tensor) -> torch.Tensor:
         return torch.where(state["mask"][..., None], baseline.to(acts.dtype), acts)
 
-    out = np.zeros((V, len(enc), model.config.num_labels))
+    out: np.ndarray | None = None
     hooks = {} if layer is None else {Site.resid(layer): fn}
     model.model.eval()  # a method may have left dropout on
     with torch.inference_mode(), _autocast(model.device), site_hooks(model.model, hooks):
@@ -147,11 +167,17 @@ def masked_probs(model: LoadedModel, enc: Encoded, layer: int | None, masks: lis
                 kg = min(per_group, V - start)
                 group = padded[start:start + kg].reshape(kg * len(indices), T)  # copy-major, as repeat()
                 state["mask"] = torch.from_numpy(group).to(model.device)
-                logits = model.model(input_ids=batch.input_ids.repeat(kg, 1),
-                                     attention_mask=batch.attention_mask.repeat(kg, 1)).logits
-                probs = torch.softmax(logits.float(), -1).double().cpu().numpy()
-                out[start:start + kg, indices] = probs.reshape(kg, len(indices), -1)
-    return out
+                attention = batch.attention_mask.repeat(kg, 1)
+                logits = model.model(input_ids=batch.input_ids.repeat(kg, 1), attention_mask=attention).logits
+                probs = torch.softmax(class_logits(model, logits, attention).float(), -1)
+                if pick is not None:
+                    rows = torch.as_tensor(pick[indices], device=probs.device).repeat(kg)
+                    probs = probs.gather(1, rows[:, None])
+                probs = probs.double().cpu().numpy().reshape(kg, len(indices), -1)
+                if out is None:
+                    out = np.zeros((V, len(enc), probs.shape[-1]))
+                out[start:start + kg, indices] = probs
+    return out[..., 0] if pick is not None else out
 
 
 @dataclass
@@ -163,14 +189,15 @@ class Scoring:
         candidates: per example, the maskable positions (every non-special token).
         pred: (n,) the class the full model predicts; p is always that class's probability.
         p_full: (n,) its probability under the full model.
-        correct: (n,) 1 where the prediction is the gold label.
+        correct: (n,) 1 where the prediction is the gold label; None without labels (a causal LM
+            predicts the next token, which has no gold label).
     """
 
     enc: Encoded
     candidates: list[np.ndarray]
     pred: np.ndarray
     p_full: np.ndarray
-    correct: np.ndarray
+    correct: np.ndarray | None
 
     @classmethod
     def build(cls, model: LoadedModel, examples) -> "Scoring":
@@ -178,7 +205,9 @@ class Scoring:
         candidates = [np.flatnonzero(c) for c in enc.counted]
         probs = masked_probs(model, enc, None, [np.zeros((1, len(x)), bool) for x in enc.input_ids], None)[0]
         pred = probs.argmax(1)
-        correct = (pred == np.asarray(enc.labels)).astype(float)
+        correct = None
+        if model.kind != "causal-lm" and enc.labels is not None:
+            correct = (pred == np.asarray(enc.labels)).astype(float)
         return cls(enc, candidates, pred, probs[np.arange(len(pred)), pred], correct)
 
     def drops(self, model: LoadedModel, layer: int, orders: list[list[np.ndarray]],
@@ -188,8 +217,7 @@ class Scoring:
         S, F = len(orders[0]), len(fractions)
         masks = [np.concatenate([erasure_masks(o, len(ids), fractions) for o in per_example])
                  for per_example, ids in zip(orders, self.enc.input_ids)]
-        probs = masked_probs(model, self.enc, layer, masks, baseline)  # (S * 2F, n, C)
-        p = probs[:, np.arange(len(self.pred)), self.pred]
+        p = masked_probs(model, self.enc, layer, masks, baseline, pick=self.pred)  # (S * 2F, n)
         return (self.p_full[None] - p).reshape(S, 2, F, -1)
 
 
@@ -228,20 +256,20 @@ def _ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float
 
 
 def summarise(spec: TaskSpec, method: str, seed: int, curves: dict[int, tuple[np.ndarray, np.ndarray]],
-              correct: np.ndarray, n_boot: int) -> list[Record]:
+              correct: np.ndarray | None, n_boot: int) -> list[Record]:
     """Per layer AOPC comprehensiveness and sufficiency of the method and of random orders, their
     gaps, the gaps' means over layers, and the full model's accuracy, each with a paired bootstrap
     interval over the scoring examples.
 
     Args:
         curves: per layer, (method drops (1, 2, F, n), random drops (S, 2, F, n)) from `Scoring.drops`.
-        correct: (n,) the full model's correctness on the scoring examples.
+        correct: (n,) the full model's correctness on the scoring examples (None: not recorded).
     """
     def rec(metric: str, values: np.ndarray, k: float | None = None) -> Record:
         value, low, high = _ci(values, n_boot, seed)
         return record(spec, method, metric, value, seed, k=k, ci_low=low, ci_high=high)
 
-    out = [rec("erasure.full_accuracy", correct)]
+    out = [rec("erasure.full_accuracy", correct)] if correct is not None else []
     gaps = []
     for layer, (ours, rand) in curves.items():
         (comp, suff), (r_comp, r_suff) = ours.mean(2)[0], rand.mean(2).mean(0)  # AOPC: mean over q

@@ -3,6 +3,10 @@ polarity classifier, and measure how much more test accuracy drops than for rand
 
 The method sees the train split and both stages (`minilm-polarity` and its parent `minilm`); the
 harness scores on the test split only, all masks of a run batched into one `evaluate_masks` sweep.
+On a causal LM (`--model`), "accuracy" is each test text's top-1 next-token accuracy and
+"log-likelihood" its mean next-token log-likelihood (labels, if any, are unused): the drop in
+held-out next-token log-likelihood is `prune.loglik_gap_auc`. Without a parent (`--model` with no
+`--parent` and no zoo parent) a method that compares stages is not applicable.
 """
 from __future__ import annotations
 
@@ -14,14 +18,15 @@ import torch
 from neuronbench.harness.engine.activations import collect_cached
 from neuronbench.harness.engine.collect import CollectConfig
 from neuronbench.harness.engine.data import load
-from neuronbench.harness.engine.intervene import ABLATION_MODES, MaskSet, evaluate_masks, gold_label_scores
+from neuronbench.harness.engine.intervene import (ABLATION_MODES, MaskSet, evaluate_masks, gold_label_scores,
+                                                  next_token_scores)
 from neuronbench.harness.engine.method import Method, MethodContext, Provides, call_verb
 from neuronbench.harness.engine.metrics import PairedBootstrap
 from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.harness.engine.ranking import rank_neurons, set_size
 from neuronbench.harness.engine.records import Record
 from neuronbench.harness.engine.sites import NeuronIndex, Site
-from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
+from neuronbench.harness.suite.task import RunEnv, Takes, TaskParams, TaskSpec, record, register_task
 
 @dataclass(frozen=True)
 class Params(TaskParams):
@@ -63,14 +68,20 @@ SPEC = TaskSpec(
                   bootstrap=1000),
     quick=(("model", "minilm-polarity-tiny"), ("parent", "minilm-polarity-tiny"), ("ks", (0.05, 0.2)),
            ("random_seeds", 3), ("n_test", 64), ("bootstrap", 200)),
-    description="test-accuracy drop from ablating a method's top-k FFN neurons minus layer-matched random-k")
+    description="test-accuracy drop from ablating a method's top-k FFN neurons minus layer-matched random-k",
+    takes=Takes(models=("classifier", "causal-lm"),
+                data=(("classifier", ("sentence",)), ("causal-lm", ("sentence", "lm"))),
+                adapted=(("causal-lm", "accuracy = top-1 next-token accuracy, log-likelihood = mean "
+                                       "next-token log-likelihood of each held-out test text"),)))
 
 TOP, BOTTOM = "top", "bottom"
 RANDOM_UNIFORM, RANDOM_MATCHED = "random_uniform", "random_matched"
 CONDITIONS = (TOP, BOTTOM, RANDOM_UNIFORM, RANDOM_MATCHED)
 # Padded tokens per forward pass, copies included. On 2 CPU cores 4k-16k run at the bare forward
-# pass's speed (the masks cost nothing measurable); 64k is slower.
+# pass's speed (the masks cost nothing measurable); 64k is slower. A causal LM's logits take
+# vocabulary-size floats a token: its budget keeps them near LOGIT_BUDGET floats (512 MB).
 EVAL_MAX_TOKENS = 8192
+LOGIT_BUDGET = 2 ** 27
 # Stream tags, so that tie-breaking and random sets never share a generator with each other.
 _RANDOM_STREAM, _BOOT_STREAM = 1, 2  # the tie-breaking stream is ranking.TIE_STREAM (0)
 
@@ -164,10 +175,14 @@ def evaluate_plan(model: LoadedModel, test, index: NeuronIndex, plan: PrunePlan,
     if todo:
         neuron_sets = [index.split(torch.as_tensor(plan.sets[i], dtype=torch.int64)) for i in todo]
         masks = MaskSet.from_sets(model, neuron_sets)
-        labels = torch.tensor(test["label"])
         model.model.eval()  # a method may have left dropout on
-        fresh = evaluate_masks(model, test, masks, lambda out, batch: gold_label_scores(out, batch, labels),
-                               mode=mode, means=means, max_tokens=EVAL_MAX_TOKENS).double().numpy()
+        if model.kind == "causal-lm":
+            score, budget = next_token_scores, max(256, min(EVAL_MAX_TOKENS, LOGIT_BUDGET // model.config.vocab_size))
+        else:
+            labels = torch.tensor(test["label"])
+            score, budget = (lambda out, batch: gold_label_scores(out, batch, labels)), EVAL_MAX_TOKENS
+        fresh = evaluate_masks(model, test, masks, score, mode=mode, means=means,
+                               max_tokens=budget).double().numpy()
         for row, i in enumerate(todo):
             known[plan.sets[i].tobytes()] = fresh[row]
     return np.stack([known[s.tobytes()] for s in plan.sets])

@@ -192,3 +192,22 @@ def gold_label_scores(out, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
     gold = labels[batch.indices].to(logits.device).repeat(logits.shape[0] // len(batch.indices))
     correct = (logits.argmax(-1) == gold).float()
     return torch.stack([correct, gold_log_prob(logits, gold)], 1)
+
+
+def next_token_scores(out, batch: Batch) -> torch.Tensor:
+    """(K*B, 2): [top-1 next-token accuracy, mean next-token log-likelihood] of each example's text
+    under a causal LM (every predicted real token; 0 for a one-token example).
+
+    Args:
+        out: the model output for K copies of `batch` (copy-major), with `logits`.
+        batch: the original batch.
+    """
+    logits = out.logits[:, :-1]  # (KB, T-1, V); no log-softmax copy of a large vocabulary
+    k = logits.shape[0] // batch.input_ids.shape[0]
+    ids, attn = batch.input_ids.repeat(k, 1), batch.attention_mask.repeat(k, 1)
+    target = ids[:, 1:, None]
+    logp = (logits.gather(2, target)[..., 0].float() - torch.logsumexp(logits.float(), -1))
+    valid = (attn[:, 1:] * attn[:, :-1]).float()
+    n = valid.sum(1).clamp(min=1)
+    correct = ((logits.argmax(-1) == target[..., 0]).float() * valid).sum(1) / n
+    return torch.stack([correct, (logp * valid).sum(1) / n], 1)
