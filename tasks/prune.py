@@ -211,7 +211,10 @@ def summarise(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, scores: n
 
     def rec(metric: str, per_seed: np.ndarray, k: float | None = None,
             den: np.ndarray | None = None) -> Record:
-        value, low, high = boot.ci(np.atleast_2d(per_seed), den)
+        # None where the full model gets nothing right (a normalised gap is undefined: an untrained LM)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            got = boot.ci(np.atleast_2d(per_seed), den)
+        value, low, high = (v if np.isfinite(v) else None for v in got)
         return record(spec, method, metric, value, seed, k=k, ci_low=low, ci_high=high)
 
     out = [rec("prune.full_accuracy", full[:, 0]), rec("prune.full_loglik", full[:, 1])]
