@@ -139,6 +139,10 @@ class LoadedModel:
     def max_length(self) -> int:
         """Longest input the model takes (position embeddings, tokenizer limit)."""
         limits = [getattr(self.config, a, None) for a in ("max_position_embeddings", "n_positions")]
+        positions = getattr(getattr(self.model.base_model, "embeddings", None), "position_embeddings", None)
+        if isinstance(positions, nn.Embedding) and positions.padding_idx is not None:
+            # RoBERTa-style position ids start after the padding index
+            limits.append(positions.num_embeddings - positions.padding_idx - 1)
         limits.append(getattr(self.tokenizer, "model_max_length", None))
         return int(min(x for x in limits if isinstance(x, int) and 0 < x < 1_000_000) or 512)
 
@@ -245,10 +249,16 @@ def _ffn_linears(block: nn.Module, hidden: int) -> tuple[str, list[tuple[str, in
         dims = linear_dims(module)
         if dims:
             linears.append((name, *dims))
-    downs = [(name, d_in) for name, d_in, d_out in linears if d_out == hidden and d_in != hidden]
-    ups = {d_in: [(name, d_out) for name, i, d_out in linears if i == hidden and d_out in (d_in, 2 * d_in)]
-           for _, d_in in downs}
-    found = [(name, d_in) for name, d_in in downs if ups[d_in]]
+    # The down projection maps F -> hidden, fed by projections registered before it (module order
+    # is definition order in every family tested) mapping hidden -> F or hidden -> 2F. Where F equals
+    # the hidden size, several layers qualify and the last is the down projection.
+    found = []
+    for i, (name, d_in, d_out) in enumerate(linears):
+        ups = [(n, o) for n, i_, o in linears[:i] if i_ == hidden and o in (d_in, 2 * d_in)]
+        if d_out == hidden and ups:
+            found.append((name, d_in, ups))
+    wide = [f for f in found if f[1] != hidden]
+    found = wide if wide else found[-1:]
     if len(found) != 1:
         seen = ", ".join(f"{n} ({i}->{o})" for n, i, o in linears) or "none"
         why = "several candidates" if found else "none"
@@ -257,8 +267,8 @@ def _ffn_linears(block: nn.Module, hidden: int) -> tuple[str, list[tuple[str, in
             f"attention mapping the FFN width F -> hidden size {hidden} (the down projection), fed by "
             f"linear layers mapping {hidden} -> F (up, gate) or {hidden} -> 2F (fused gate_up); its linear "
             f"layers outside attention: {seen}. Register an override with harness.engine.models.register_arch")
-    down, width = found[0]
-    return down, ups[width], width
+    down, width, ups = found[0]
+    return down, ups, width
 
 
 def resolve_arch(model: nn.Module) -> ArchSpec:
@@ -267,8 +277,8 @@ def resolve_arch(model: nn.Module) -> ArchSpec:
     The blocks are the largest `nn.ModuleList` of same-class modules with linear layers under
     `base_model`. In the first block, outside modules whose class name contains "Attention"/"Attn",
     the down projection is the one linear layer (`nn.Linear` or `Conv1D`) mapping some width F to
-    the hidden size H for which linear layers H -> F (up, and a gate when gated) or H -> 2F (a fused
-    gate/up) exist.
+    the hidden size H fed by linear layers registered before it mapping H -> F (up, and a gate when
+    gated) or H -> 2F (a fused gate/up); where F = H, the last such layer.
 
     Raises:
         ValueError: no blocks, or no (or no single) recognisable MLP; the message names what was

@@ -122,6 +122,14 @@ def test_ablation_changes_exactly_the_chosen_units(family):
     assert not torch.equal(full, ablated)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama", "phi3"])
+def test_an_ffn_as_wide_as_the_hidden_state_resolves_by_module_order(family):
+    model = tiny_model(family, hidden=32, ffn=32)
+    spec = arch_spec(model.model)
+    assert (spec.layers, spec.down_proj, spec.up_proj) == EXPECTED[family]
+    assert model.width(Site.ffn(0)) == model.width(Site.resid(0)) == 32
+
+
 def _mixtral(vocab_size: int):
     return tf.MixtralConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=2, num_key_value_heads=2, num_local_experts=2,
