@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from neuronbench.harness.engine.method import Method, MethodContext, Needs, NeuronScores, register_method
-from neuronbench.harness.engine.models import layer_modules, site_module
+from neuronbench.harness.engine.models import arch_spec, layer_modules, site_module
 from neuronbench.harness.engine.sites import Site
 
 log = logging.getLogger(__name__)
@@ -19,28 +19,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Writers:
-    """Modules of one block (paths from the block) whose output axis writes a site's neurons.
+    """Modules of one block (paths from the block) whose output axis writes the residual stream
+    (the FFN's writers, its up and gate projections, come from `models.arch_spec`).
 
     Attributes:
-        ffn_up: the projections producing the FFN activation (up, and gate for gated MLPs).
         resid: besides the FFN down projection (found by the harness), what writes the residual
             stream inside the block: the attention output projection, and for post-LN blocks
             the LayerNorms that produce the stream.
     """
 
-    ffn_up: tuple[str, ...]
     resid: tuple[str, ...]
 
 
-_BERT = Writers(("intermediate.dense",),
-                ("attention.output.dense", "attention.output.LayerNorm", "output.LayerNorm"))
-_LLAMA = Writers(("mlp.gate_proj", "mlp.up_proj"), ("self_attn.o_proj",))
-# Keyed like harness.engine.models.ARCHS; an architecture missing here fails with the fix named.
+_BERT = Writers(("attention.output.dense", "attention.output.LayerNorm", "output.LayerNorm"))
+_LLAMA = Writers(("self_attn.o_proj",))
+# Keyed by model_type; an architecture missing here fails (for resid sites) with the fix named.
 WRITERS: dict[str, Writers] = {
     "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "electra": _BERT, "camembert": _BERT,
-    "distilbert": Writers(("ffn.lin1",), ("attention.out_lin", "sa_layer_norm", "output_layer_norm")),
-    "gpt2": Writers(("mlp.c_fc",), ("attn.c_proj",)),
-    "gpt_neox": Writers(("mlp.dense_h_to_4h",), ("attention.dense",)),
+    "distilbert": Writers(("attention.out_lin", "sa_layer_norm", "output_layer_norm")),
+    "gpt2": Writers(("attn.c_proj",)),
+    "gpt_neox": Writers(("attention.dense",)),
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
 }
 
@@ -112,10 +110,11 @@ def _writers(model: nn.Module) -> Writers:
 
 def _site_change(parent: nn.Module, model: nn.Module, site: Site, width: int) -> torch.Tensor:
     """(width,) L2 norm of each neuron's weight change at `site`."""
-    writers = _writers(model)
     new_block, old_block = layer_modules(model)[site.layer], layer_modules(parent)[site.layer]
     down = [(site_module(model, Site.ffn(site.layer)), site_module(parent, Site.ffn(site.layer)))]
-    paths = writers.ffn_up if site.kind == "ffn" else writers.resid
+    # The FFN's writers come from the resolved structure (any architecture); the residual stream's
+    # from the WRITERS table.
+    paths = arch_spec(model).up_proj if site.kind == "ffn" else _writers(model).resid
     out_side = [(new_block.get_submodule(p), old_block.get_submodule(p)) for p in paths]
     if site.kind == "resid":
         out_side, down = out_side + down, []
@@ -143,6 +142,8 @@ def _axis_change(new: nn.Module, old: nn.Module, output: bool, width: int) -> to
         if delta.dim() == 2:
             unit_axis = (1 if output else 0) if transposed else (0 if output else 1)
             delta = delta.sum(1 - unit_axis)
+        if output and delta.shape == (2 * width,):  # a fused gate/up projection: gate rows, then up rows
+            delta = delta.view(2, width).sum(0)
         if delta.shape != (width,):
             raise ValueError(f"{type(new).__name__}.{name} has {tuple(param.shape)}, which does not index "
                              f"{width} neurons on its {'output' if output else 'input'} axis; fix WRITERS")

@@ -105,3 +105,18 @@ class SimpleModel:
 def test_weight_distance_needs_a_parent(tiny):
     with pytest.raises(ValueError, match="parent"):
         WeightDistance().stage_change(_ctx(tiny("bert"), None))
+
+
+@pytest.mark.parametrize("arch,path,row", [("opt", "fc1", 5), ("phi3", "mlp.gate_up_proj", 64 + 5),
+                                           ("gemma2", "mlp.gate_proj", 5)])
+def test_ffn_relevance_on_architectures_outside_the_writers_table(arch, path, row):
+    """The FFN's writers come from the resolved structure: OPT, Phi-3's fused gate/up (row F + j is
+    the up half of neuron j) and Gemma 2 need no WRITERS entry for ffn sites."""
+    from neuronbench.harness.models import layer_modules
+    from neuronbench.harness.tiny import tiny_model
+
+    model = tiny_model(arch)
+    child = _edited(model, lambda m: layer_modules(m)[1].get_submodule(path).weight[row].add_(1.0))
+    ctx = MethodContext(child, sites=(Site.ffn(1),), data=DATA, data_id="wd", parent=model)
+    scores = call_verb(WeightDistance(), "relevance", ctx).scores
+    assert int(scores.argmax()) == 5 and scores[5] == pytest.approx(math.sqrt(model.width(Site.resid(1))))
