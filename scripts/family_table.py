@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from neuronbench.harness.runner import RunConfig, run_suite
-from neuronbench.harness.task import TASKS
-from neuronbench.harness.tiny import TINY_FAMILIES, tiny_model
+from neuronbench.harness.suite.runner import RunConfig, run_suite
+from neuronbench.harness.suite.task import TASKS
+from neuronbench.harness.zoo.tiny import TINY_FAMILIES, tiny_model
 
 ENCODERS = ("bert", "roberta", "distilbert", "electra")
 WORDS = ("the", "cat", "sat", "on", "mat", "a", "dog", "was", "running", "movie", "wonderful", "boring", "plot")

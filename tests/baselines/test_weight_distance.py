@@ -112,8 +112,8 @@ def test_weight_distance_needs_a_parent(tiny):
 def test_ffn_relevance_on_architectures_outside_the_writers_table(arch, path, row):
     """The FFN's writers come from the resolved structure: OPT, Phi-3's fused gate/up (row F + j is
     the up half of neuron j) and Gemma 2 need no WRITERS entry for ffn sites."""
-    from neuronbench.harness.models import layer_modules
-    from neuronbench.harness.tiny import tiny_model
+    from neuronbench.harness.engine.models import layer_modules
+    from neuronbench.harness.zoo.tiny import tiny_model
 
     model = tiny_model(arch)
     child = _edited(model, lambda m: layer_modules(m)[1].get_submodule(path).weight[row].add_(1.0))

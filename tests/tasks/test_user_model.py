@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from neuronbench.harness.cli import main
-from neuronbench.harness.tiny import tiny_model
+from neuronbench.harness.zoo.tiny import tiny_model
 
 WORDS = {"good": ("wonderful", "superb", "happily", "sharply"), "bad": ("boring", "dull", "badly", "written")}
 FILLER = ("the", "cat", "sat", "on", "mat", "a", "dog", "was", "running", "in", "park", "movie", "plot")
@@ -19,7 +19,7 @@ FILLER = ("the", "cat", "sat", "on", "mat", "a", "dog", "was", "running", "in", 
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    from neuronbench.harness import paths
+    from neuronbench.harness.engine import paths
 
     monkeypatch.setattr(paths, "cache_dir", lambda: tmp_path / "cache")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -8,12 +8,12 @@ import pytest
 import transformers as tf
 
 from neuronbench.harness.cli import main
-from neuronbench.harness.tiny import tiny_model, tiny_tokenizer
+from neuronbench.harness.zoo.tiny import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    from neuronbench.harness import paths
+    from neuronbench.harness.engine import paths
 
     monkeypatch.setattr(paths, "cache_dir", lambda: tmp_path / "cache")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
