@@ -305,8 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the suite: every task with every applicable method")
     p.add_argument("--tasks", nargs="+", help="task names (default: all)")
     p.add_argument("--methods", nargs="+", help="method names or path.to.module:Class (default: all baselines)")
-    p.add_argument("--model", help="run the tasks on this model instead of their own (alias, hub id or folder; "
-                                   "checked against what each task takes before any work)")
+    p.add_argument("--model", help="run the tasks on this model (alias, hub id or folder), checked before any work")
     p.add_argument("--parent", help="the earlier stage of --model, for methods that compare stages "
                                     "(default: the zoo entry's parent, else none)")
     p.add_argument("--data", nargs="+", help="your data files (CSV/JSON/JSONL text+label, word/TAG .txt, plain "

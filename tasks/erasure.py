@@ -117,13 +117,18 @@ def erasure_masks(order: np.ndarray, length: int, fractions: tuple[float, ...]) 
     return masks
 
 
-def class_logits(model: LoadedModel, logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, C) what erasure explains: a classifier's logits, or a causal LM's next-token logits
-    after each example's last real token (the token it predicts after the whole text)."""
-    if model.kind != "causal-lm":
-        return logits
-    last = attention_mask.sum(1) - 1
-    return logits[torch.arange(len(last), device=logits.device), last]
+def class_probs(model: LoadedModel, logits: torch.Tensor, attention_mask: torch.Tensor,
+                pick: np.ndarray | None = None) -> np.ndarray:
+    """(B, C) float64 probabilities of what erasure explains: a classifier's classes, or a causal
+    LM's next token after each example's last real token (the token it predicts after the whole
+    text); (B, 1) with `pick`, the probability of class `pick[b]` only."""
+    if model.kind == "causal-lm":
+        last = attention_mask.sum(1) - 1
+        logits = logits[torch.arange(len(last), device=logits.device), last]
+    probs = torch.softmax(logits.float(), -1)
+    if pick is not None:
+        probs = probs.gather(1, torch.as_tensor(pick, device=probs.device)[:, None])
+    return probs.double().cpu().numpy()
 
 
 def masked_probs(model: LoadedModel, enc: Encoded, layer: int | None, masks: list[np.ndarray],
@@ -138,8 +143,7 @@ def masked_probs(model: LoadedModel, enc: Encoded, layer: int | None, masks: lis
         masks: per example, (V, T_i) bool, True = replace that position (V variants per example).
         baseline: (H,) the replacement hidden state.
         max_tokens: padded tokens per forward pass, copies included.
-        pick: (n,) one class per example: return only its probability (a causal LM's vocabulary
-            makes the full table large).
+        pick: (n,) one class per example: return only its probability (a vocabulary is large).
 
     Returns:
         (V, n_examples, n_classes) float64, or (V, n_examples) with `pick`; several variants per
@@ -169,11 +173,8 @@ def masked_probs(model: LoadedModel, enc: Encoded, layer: int | None, masks: lis
                 state["mask"] = torch.from_numpy(group).to(model.device)
                 attention = batch.attention_mask.repeat(kg, 1)
                 logits = model.model(input_ids=batch.input_ids.repeat(kg, 1), attention_mask=attention).logits
-                probs = torch.softmax(class_logits(model, logits, attention).float(), -1)
-                if pick is not None:
-                    rows = torch.as_tensor(pick[indices], device=probs.device).repeat(kg)
-                    probs = probs.gather(1, rows[:, None])
-                probs = probs.double().cpu().numpy().reshape(kg, len(indices), -1)
+                picked = None if pick is None else np.tile(pick[indices], kg)
+                probs = class_probs(model, logits, attention, picked).reshape(kg, len(indices), -1)
                 if out is None:
                     out = np.zeros((V, len(enc), probs.shape[-1]))
                 out[start:start + kg, indices] = probs

@@ -72,6 +72,15 @@ def resolve_spec(task: Task, config: RunConfig) -> TaskSpec:
     return replace(spec, parent=config.parent) if config.parent and spec.parent else spec
 
 
+def resolved_specs(tasks: list[Task], config: RunConfig, env: RunEnv) -> dict[str, TaskSpec]:
+    """Each task's spec for this run; with `--model`, `--parent` or `--data`, checked against what
+    the task takes and given its data file (`inputs.check_inputs`: a ValueError on any refusal)."""
+    specs = [resolve_spec(t, config) for t in tasks]
+    if config.model or config.parent or config.data:
+        specs = check_inputs(specs, env, bool(config.model), tuple(config.data))
+    return {spec.name: spec for spec in specs}
+
+
 def run_one(task: Task, spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     """`task` scored for `method`, or its not-applicable record; every record says which scoring
     split (`env.split`) scored it."""
@@ -126,10 +135,7 @@ def run_suite(config: RunConfig, progress: bool = True, hidden_seed: int | None 
     methods = [get_method(n) for n in method_names]
     env = RunEnv(seed=config.seed, quick=config.quick, cache=Cache(), progress=progress,
                  split=config.split, hidden_seed=hidden_seed)
-    checked = [resolve_spec(t, config) for t in tasks]
-    if config.model or config.parent or config.data:  # refusals come before the journal writes anything
-        checked = check_inputs(checked, env, bool(config.model), tuple(config.data))
-    resolved = {spec.name: spec for spec in checked}
+    resolved = resolved_specs(tasks, config, env)  # refusals come before the journal writes anything
     ranks = distributed.current()
     journal = _open_journal(config, resume) if ranks is None or ranks.is_main else None  # rank 0 journals
     items = [(task, resolved[task.spec.name], method) for task in tasks for method in methods]
