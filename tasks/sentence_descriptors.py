@@ -59,7 +59,7 @@ from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.tasks._planting import Planted, ffn_inputs, fit_detectors, plant_units
 from neuronbench.harness.engine.records import Record
 from neuronbench.harness.engine.sites import Site
-from neuronbench.harness.suite.task import RunEnv, TaskSpec, record, register_task
+from neuronbench.harness.suite.task import RunEnv, Takes, TaskSpec, record, register_task
 from neuronbench.hf_metrics import load as load_metric
 
 from .descriptors import shuffled_at_k
@@ -79,7 +79,8 @@ SPEC = TaskSpec(
     quick=(("model", "minilm-polarity-tiny"), ("generator", "stub"), ("per_part", 80), ("n_planted", 6),
            ("min_positive", 5), ("min_support", 3), ("bootstrap", 200)),
     description="P@k/R@k of per-neuron descriptors from a generator-discovered vocabulary vs planted units "
-                "(headline) and held-out Cohen's d truth, on sentences")
+                "(headline) and held-out Cohen's d truth, on sentences",
+    takes=Takes(models=("base", "classifier", "causal-lm")))
 
 _MAX_DRAWS = 5000
 _SHUFFLE_STREAM = 11
