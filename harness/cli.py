@@ -141,8 +141,8 @@ def _run(args) -> int:
         config = resume_config(Path(args.resume))
     else:
         config = RunConfig(tasks=tuple(args.tasks or ()), methods=tuple(args.methods or ()), model=args.model,
-                           parent=args.parent, data=tuple(args.data or ()), quick=args.quick, seed=args.seed, out=args.out, item_timeout=args.item_timeout,
-                           parallel=args.parallel)
+                           parent=args.parent, data=tuple(args.data or ()), quick=args.quick, seed=args.seed,
+                           out=args.out, item_timeout=args.item_timeout, parallel=args.parallel)
         check_run_out(Path(config.out))
     start = time.perf_counter()
     frame, record = run_suite(config, resume=bool(args.resume))
@@ -305,11 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the suite: every task with every applicable method")
     p.add_argument("--tasks", nargs="+", help="task names (default: all)")
     p.add_argument("--methods", nargs="+", help="method names or path.to.module:Class (default: all baselines)")
-    p.add_argument("--model", help="run the tasks on this model (alias, hub id or folder), checked before any work")
-    p.add_argument("--parent", help="the earlier stage of --model, for methods that compare stages "
-                                    "(default: the zoo entry's parent, else none)")
-    p.add_argument("--data", nargs="+", help="your data files (CSV/JSON/JSONL text+label, word/TAG .txt, plain "
-                                             "text .txt); each task takes the file whose kind it accepts")
+    from .suite.inputs import add_input_arguments
+    add_input_arguments(p)  # --model, --parent, --data
     p.add_argument("--quick", action="store_true", help="tiny models, fewer k, seeds and examples")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default="results/latest", help="folder for results.parquet and config.json")

@@ -94,3 +94,12 @@ def check_inputs(specs: list[TaskSpec], env: RunEnv, model_given: bool, files: t
         if spec.parent and spec.parent != spec.model:
             env.model(spec.parent)  # a parent that cannot load fails here, before any work
     return assign_data(specs, kinds, files) if files else specs
+
+
+def add_input_arguments(parser) -> None:
+    """`run`'s --model, --parent and --data, which `check_inputs` checks."""
+    parser.add_argument("--model", help="run the tasks on this model (alias, hub id or folder), checked first")
+    parser.add_argument("--parent", help="the earlier stage of --model, for methods that compare stages "
+                                         "(default: the zoo entry's parent, else none)")
+    parser.add_argument("--data", nargs="+", help="your data files (CSV/JSON/JSONL text+label, word/TAG .txt, plain "
+                                                  "text .txt); each task takes the file whose kind it accepts")
