@@ -83,6 +83,7 @@ class TrajectoryHP:
         order picked."""
         return x_BL
 
+
 @dataclass(frozen=True)
 class PackagedHP:
     """A GGUF model file inside an installed Python package, de-quantised into a model folder.
