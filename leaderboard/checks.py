@@ -152,19 +152,28 @@ def check_relevance(out: list[Problem], file: str, frame: pl.DataFrame, facts: T
 
 
 def check_stage_change(out: list[Problem], file: str, frame: pl.DataFrame, facts: TaskFacts) -> None:
-    steps = facts.steps
+    steps: dict[str, set[int]] = {}
+    for traj, _, a, b in facts.stages:
+        steps.setdefault(traj, set()).update((a, b))
+    trajs, labels = frame["trajectory"].to_list(), frame["labelling"].to_list()
+    flag_rows(out, file, "trajectory", [t not in steps for t in trajs],
+              lambda r: f"trajectory {trajs[r]!r} is not one the task asks about ({', '.join(sorted(steps))})")
     for field in ("from_step", "to_step"):
-        values = frame[field].to_numpy()
-        flag_rows(out, file, field, ~np.isin(values, steps),
-                  lambda r, v=values: f"step {v[r]} is not a checkpoint of the trajectory (steps {list(steps)})")
-    _duplicates(out, file, frame, ["from_step", "to_step"], "to_step", "stage pair")
-    pairs = set(zip(steps[:-1], steps[1:]))
-    got = list(zip(frame["from_step"].to_list(), frame["to_step"].to_list()))
-    in_steps = [a in steps and b in steps for a, b in got]
-    flag_rows(out, file, "to_step", [ok and p not in pairs for ok, p in zip(in_steps, got)],
-              lambda r: f"{got[r][0]} -> {got[r][1]} is not a pair of consecutive checkpoints the task asks about")
-    for a, b in sorted(pairs - set(got)):
-        out.append(Problem(file, f"missing the stage change from step {a} to step {b}", field="score"))
+        values = frame[field].to_list()
+        flag_rows(out, file, field, [t in steps and v not in steps[t] for t, v in zip(trajs, values)],
+                  lambda r, v=values: f"step {v[r]} is not a checkpoint of the trajectory {trajs[r]!r} "
+                                      f"(steps {sorted(steps[trajs[r]])})")
+    keys = list(zip(trajs, labels, frame["from_step"].to_list(), frame["to_step"].to_list()))
+    frame = frame.with_columns(pl.Series("_key", [repr(k) for k in keys]))
+    _duplicates(out, file, frame, ["_key"], "to_step", "stage pair (trajectory, labelling, from_step, to_step)")
+    asked = set(facts.stages)
+    known = [t in steps and a in steps[t] and b in steps[t] for t, _, a, b in keys]
+    flag_rows(out, file, "to_step", [ok and k not in asked for ok, k in zip(known, keys)],
+              lambda r: f"{keys[r][2]} -> {keys[r][3]} of {keys[r][0]!r} (labelling {keys[r][1]!r}) is not a "
+                        "stage pair the task asks about")
+    for traj, label, a, b in sorted(asked - set(keys), key=repr):
+        text = "" if label is None else f" on {label} text"
+        out.append(Problem(file, f"missing the stage change of {traj!r} from step {a} to step {b}{text}", field="score"))
 
 
 def check_descriptors(out: list[Problem], file: str, frame: pl.DataFrame, facts: TaskFacts) -> None:

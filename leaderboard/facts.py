@@ -7,14 +7,14 @@ what each task asks; adding a task adds its facts.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from neuronbench.harness.engine.cache import Cache
 from neuronbench.harness.engine.method import Method, MethodContext
 from neuronbench.harness.engine.sites import NeuronIndex
 from neuronbench.harness.suite.task import TASKS, RunEnv, TaskSpec
 
-from .replay import checkpoint_step, example_ids
+from .replay import example_ids, stage_key
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class TaskFacts:
         num_layers: layers of the model under study.
         concept: the concept of the first relevance call (None: the task as a whole).
         vocabulary: the descriptors the task accepts (descriptors).
-        steps: the trajectory's checkpoint steps, in order (stage_change).
+        stages: every stage pair asked, as (trajectory, labelling, from step, to step) (stage_change).
         first_layer: the layer of the first attribute_positions call.
         pool: example ids of the examples whose positions are attributed (attribute_positions).
     """
@@ -37,7 +37,7 @@ class TaskFacts:
     num_layers: int
     concept: str | None = None
     vocabulary: tuple[str, ...] = ()
-    steps: tuple[int, ...] = ()
+    stages: tuple[tuple[str, str | None, int, int], ...] = ()
     first_layer: int | None = None
     pool: frozenset[int] = frozenset()
 
@@ -54,6 +54,7 @@ class _Probe(Method):
     def __init__(self, verb: str):
         self.verb = verb
         self.facts: TaskFacts | None = None
+        self.stages: list[tuple] = []
 
     def supports(self, verb: str) -> bool:
         return verb == self.verb
@@ -66,10 +67,12 @@ class _Probe(Method):
         self._stop(ctx, concept=ctx.concept)
 
     def stage_change(self, ctx):
-        from neuronbench.harness.engine import catalogue
-
-        checkpoint_step(ctx.model)  # a stage pair the format can key, or a clear error
-        self._stop(ctx, steps=catalogue.steps(ctx.model.name))
+        # A task asks about many stage pairs (several trajectories): record each, answer 0, and let
+        # the task run to its end (`task_facts`); a pair the format cannot key fails here.
+        self.stages.append(stage_key(ctx))
+        if self.facts is None:
+            self.facts = TaskFacts(self.verb, ctx.index, ctx.model.num_layers)
+        return 0.0
 
     def descriptors(self, ctx, vocabulary):
         self._stop(ctx, vocabulary=tuple(vocabulary))
@@ -94,4 +97,6 @@ def task_facts(name: str, spec: TaskSpec) -> TaskFacts:
         TASKS.get(name).score(spec, probe, env)
     except _Probed:
         return probe.facts
+    if probe.stages:
+        return replace(probe.facts, stages=tuple(probe.stages))
     raise ValueError(f"task {name!r} finished without asking {spec.verb!r}; it cannot take submissions")

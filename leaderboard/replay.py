@@ -2,8 +2,8 @@
 each verb call returned; `Replay` answers the same calls from a submission's data, running no code.
 
 A call is identified by: relevance, the concept asked (`ctx.concept`) and the labelling of the
-split (`ctx.labelling`: None, or a task's label null such as `permuted:0`); stage_change, the steps of
-the two checkpoints; descriptors, the neurons of `ctx.index`; attribute_positions, the layer and
+split (`ctx.labelling`: None, or a task's label null such as `permuted:0`); stage_change, the trajectory,
+the labelling of the text (None, or `planted`) and the steps of the two checkpoints; descriptors, the neurons of `ctx.index`; attribute_positions, the layer and
 the `id` of each example of `ctx.data`.
 """
 from __future__ import annotations
@@ -35,6 +35,12 @@ def checkpoint_step(model: LoadedModel) -> int:
         raise ValueError(f"cannot tell which checkpoint model {model.name!r} is: stage_change answers are "
                          "keyed by checkpoint steps, so both stages must be loaded as NAME@STEP")
     return step
+
+
+def stage_key(ctx: MethodContext) -> tuple[str, str | None, int, int]:
+    """(trajectory, labelling, from step, to step) of a stage_change call; the trajectory is the
+    checkpoints' name without `@STEP`."""
+    return (ctx.model.name.partition("@")[0], ctx.labelling, checkpoint_step(ctx.parent), checkpoint_step(ctx.model))
 
 
 def example_ids(ctx: MethodContext) -> list[int]:
@@ -86,7 +92,7 @@ class Recorder(Method):
     def stage_change(self, ctx: MethodContext) -> float:
         out = self.inner.stage_change(ctx)
         check_output(self.name, "stage_change", ctx, out)
-        self._keep("stage_change", (checkpoint_step(ctx.parent), checkpoint_step(ctx.model)), float(out))
+        self._keep("stage_change", stage_key(ctx), float(out))
         return out
 
     def descriptors(self, ctx: MethodContext, vocabulary: tuple[str, ...]) -> dict[int, list[str]]:
@@ -135,8 +141,8 @@ def _relevance_rows(rows, key, value) -> None:
 
 
 def _stage_rows(rows, key, value) -> None:
-    rows["from_step"].append(key[0])
-    rows["to_step"].append(key[1])
+    for name, part in zip(("trajectory", "labelling", "from_step", "to_step"), key):
+        rows[name].append(part)
     rows["score"].append(value)
 
 
@@ -177,7 +183,7 @@ class Replay(Method):
                                    if c.name not in frame.columns)  # absent optional columns
         frame = frame.sort([c.name for c in COLUMNS[verb] if c.name not in ("score", "descriptor")],
                            nulls_last=False)
-        key = {"relevance": ["concept", "labelling"], "stage_change": ["from_step", "to_step"], "descriptors": [],
+        key = {"relevance": ["concept", "labelling"], "stage_change": ["trajectory", "labelling", "from_step", "to_step"], "descriptors": [],
                "attribute_positions": ["layer", "example_id"]}[verb]
         self._parts = {k: part for k, part in frame.group_by(key, maintain_order=True)} if key else {(): frame}
 
@@ -212,8 +218,9 @@ class Replay(Method):
         return out
 
     def stage_change(self, ctx: MethodContext) -> float:
-        steps = (checkpoint_step(ctx.parent), checkpoint_step(ctx.model))
-        return float(self._part(steps, f"the stage change from step {steps[0]} to {steps[1]}")["score"][0])
+        key = stage_key(ctx)
+        text = "" if key[1] is None else f" on {key[1]} text"
+        return float(self._part(key, f"the stage change of {key[0]} from step {key[2]} to {key[3]}{text}")["score"][0])
 
     def descriptors(self, ctx: MethodContext, vocabulary: tuple[str, ...]) -> dict[int, list[str]]:
         part = self._part((), "descriptors")

@@ -1,22 +1,40 @@
 """`ppl-trend`: do a method's stage changes track perplexity improvement over training? (TX-Ray RQ1)
 
-The harness measures each checkpoint's perplexity on PTB valid; the method scores how much neuron
-knowledge changed between consecutive checkpoints from PTB train text (never the scoring text);
-the task correlates the two over the consecutive pairs.
+The harness measures each checkpoint's perplexity on held-out text (PTB valid by default); the
+method scores how much neuron knowledge changed between consecutive checkpoints from PTB train text
+(never the scoring text). Over several trajectories (a zoo family, or the user's own), per-trajectory
+Spearman correlations are pooled by Fisher z, and reported minus `weight-distance`'s (`gap`), since
+anything that decays over training tracks perplexity. The headline, `time_controlled`, correlates
+change with improvement across trajectories at each interval, which a shared decay cannot win and
+where a method without skill scores 0 (a no-skill method's `gap` is minus weight-distance's
+correlation, so `gap` cannot be a sanity-checked headline). Planted trajectories add a ground truth:
+a concept trained in from a known step.
+
+Protocol: the `ptb-grid` family is 8 trajectories (4 seeds x 2 learning rates of a 2-layer, 64-wide
+GPT-2 on PTB, 20 log-spaced checkpoints each: 152 pairs, 92% power for rho = 0.3 by Fisher z,
+`scripts/ppl_trend_power.py`). Intervals: a paired bootstrap resampling trajectories and, within
+each, the scoring blocks (method and reference see the same replicate). Planted: 4 trajectories
+trained on `<plant> gold` from step 61; per interval, the change on text carrying the bigram
+(`ctx.labelling = "planted"`) minus the change on plain text; `planted.onset_rank` is the onset
+interval's rank among all (0.5 = chance) and `planted.hit` whether it is the peak (chance
+`planted.chance_hit`), bootstrapped over the planted trajectories. `--model` also takes a user's
+own checkpoints (see `trajectories`), with perplexity text `ppl_text` (PTB valid by default).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from neuronbench.harness.engine import catalogue
-from neuronbench.harness.engine.catalogue import ModelRef
+from neuronbench.harness.engine import catalogue, zoo_family
 from neuronbench.harness.engine.data import load, subsample
-from neuronbench.harness.engine.method import Method, MethodContext, Provides, call_verb
-from neuronbench.harness.engine.metrics import kendall, spearman
+from neuronbench.harness.engine.method import Method, MethodContext, Provides, call_verb, get_method
+from neuronbench.harness.engine.models import LoadedModel, load_model
+from neuronbench.harness.engine.pooled import fisher_pool, onset_scores, spearman_rows, time_controlled
 from neuronbench.harness.suite.task import RunEnv, Takes, TaskParams, TaskSpec, record, register_task
 from neuronbench.harness.zoo.train import lm_loss, token_stream
 
@@ -25,33 +43,105 @@ class Params(TaskParams):
     """ppl-trend's parameters.
 
     Attributes:
-        valid_tokens: first tokens of PTB valid whose perplexity each checkpoint is scored on.
+        valid_tokens: first tokens of the perplexity text each checkpoint is scored on.
         seq_len: tokens per scoring chunk (at least 2: one context token, one predicted).
-        method_lines: train lines the method reads (a seeded subsample).
-        bootstrap: bootstrap resamples of each interval.
+        method_lines: PTB train lines the method reads (a seeded subsample).
+        bootstrap: bootstrap replicates.
+        ppl_text: the perplexity text: `ptb` (PTB valid) or a local text file.
+        reference: the method whose pooled correlation `gap` subtracts.
     """
 
     valid_tokens: int
     seq_len: int
     method_lines: int
     bootstrap: int
+    ppl_text: str = "ptb"
+    reference: str = "weight-distance"
 
     def __post_init__(self) -> None:
         for name in ("valid_tokens", "seq_len", "method_lines", "bootstrap"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "seq_len" else 1):
                 raise ValueError(f"ppl-trend: {name}={value!r} must be a positive integer (seq_len at least 2)")
+        if self.ppl_text != "ptb" and not Path(self.ppl_text).is_file():
+            raise ValueError(f"ppl-trend: ppl_text={self.ppl_text!r} is neither `ptb` nor a local text file")
 
 
 SPEC = TaskSpec(
-    name="ppl-trend", version=1, verb="stage_change", model="ptb-lm", data="ptb", sites="ffn",
-    headline="ppl-trend.spearman", no_skill=0.0,
-    params=Params(valid_tokens=50_000, seq_len=64, method_lines=1000, bootstrap=1000),
-    quick=(("model", "ptb-lm-tiny"), ("valid_tokens", 512), ("seq_len", 16), ("method_lines", 40),
+    name="ppl-trend", version=2, verb="stage_change", model="ptb-grid", data="ptb", sites="ffn",
+    headline="ppl-trend.time_controlled", no_skill=0.0,
+    params=Params(valid_tokens=20_000, seq_len=32, method_lines=500, bootstrap=1000),
+    quick=(("model", "ptb-grid-tiny"), ("valid_tokens", 512), ("seq_len", 16), ("method_lines", 40),
            ("bootstrap", 200)),
-    description="Spearman/Kendall of stage change vs log-perplexity improvement between checkpoints",
+    description="Spearman of stage change vs log-ppl improvement across trajectories at each interval, pooled",
     takes=Takes(models=("trajectory",)))
 
+
+# --------------------------------------------------------------------------- trajectories
+
+@dataclass(frozen=True)
+class Trajectory:
+    """One training run's checkpoints, in training order.
+
+    Attributes:
+        name: how records name it (a zoo entry, or `user<i>`).
+        refs: model references (zoo `NAME@STEP`, local folders, `hub-id@revision`).
+        steps: the training step of each checkpoint where known, else its position.
+        onset: for a planted trajectory, the index of the interval in which its concept appears.
+    """
+
+    name: str
+    refs: tuple[str, ...]
+    steps: tuple[int, ...]
+    onset: int | None = None
+
+
+def trajectories(model: str) -> tuple[list[Trajectory], list[Trajectory]]:
+    """(trajectories, planted trajectories) of `model`: a zoo family (`ptb-grid`), one zoo
+    trajectory (`ptb-lm`), or the user's own: checkpoints in training order separated by commas,
+    trajectories by semicolons, each a local folder or `hub-id@revision` (`a/step-1,a/step-2;b/...`).
+
+    Raises:
+        ValueError: a trajectory with fewer than three checkpoints (two intervals).
+    """
+    family = zoo_family.FAMILIES.get(model)
+    if family is not None:
+        onset = lambda name: catalogue.get_spec(name).hparams.checkpoints.index(family.onset)  # noqa: E731
+        return ([_zoo_trajectory(m) for m in family.members],
+                [replace(_zoo_trajectory(p), onset=onset(p)) for p in family.planted])
+    if "," not in model and model in {s.name for s in catalogue.entries()} and catalogue.get_spec(model).kind == "trajectory":
+        return [_zoo_trajectory(model)], []
+    out = []
+    for i, part in enumerate(p for p in model.split(";") if p.strip()):
+        refs = tuple(r.strip() for r in part.split(",") if r.strip())
+        if len(refs) < 3:
+            raise ValueError(f"trajectory {part!r} has {len(refs)} checkpoint(s); ppl-trend needs at least 3 in "
+                             "training order, comma-separated (a zoo family such as ptb-grid, a zoo trajectory "
+                             "such as ptb-lm, or local folders / hub-id@revision names)")
+        out.append(Trajectory(f"user{i}", refs, tuple(_step(r, j) for j, r in enumerate(refs))))
+    return out, []
+
+
+def _zoo_trajectory(name: str) -> Trajectory:
+    steps = tuple(catalogue.get_spec(name).hparams.checkpoints)
+    return Trajectory(name, tuple(f"{name}@{s}" for s in steps), steps)
+
+
+def _step(ref: str, position: int) -> int:
+    """The step a reference names (`...@step1000`, `.../step-000300`), else its position."""
+    found = re.search(r"(?:@step|@|step-?)(\d+)/?$", ref)
+    return int(found.group(1)) if found else position
+
+
+def load_checkpoint(env: RunEnv, ref: str) -> LoadedModel:
+    """A zoo name or local folder through `env.model`; `hub-id@revision` loaded at that revision."""
+    base, at, revision = ref.partition("@")
+    if not at or Path(ref).exists() or base in {s.name for s in catalogue.entries()}:
+        return env.model(ref)
+    return env.memo(("ppl-trend:model", ref), lambda: replace(load_model(base, revision=revision), name=ref))
+
+
+# --------------------------------------------------------------------------- measuring
 
 @torch.no_grad()
 def chunk_losses(model, valid_ids: torch.Tensor, seq_len: int, batch_size: int = 64) -> torch.Tensor:
@@ -64,12 +154,23 @@ def chunk_losses(model, valid_ids: torch.Tensor, seq_len: int, batch_size: int =
     return torch.cat(out).double()
 
 
-def valid_stream(tokenizer, n_tokens: int, seq_len: int, env: RunEnv, split_seed: int) -> torch.Tensor:
-    """The scoring text: PTB valid, lines joined with <eos> (as the zoo measures it).
+def scoring_lines(ppl_text: str) -> list[str]:
+    """The perplexity text: `ptb` (PTB valid) or a local text file, one line per line."""
+    if ppl_text == "ptb":
+        return list(load("ptb").splits["dev"]["text"])
+    path = Path(ppl_text)
+    if not path.is_file():
+        raise FileNotFoundError(f"ppl_text {ppl_text!r}: use `ptb` or a local text file")
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def valid_stream(tokenizer, n_tokens: int, seq_len: int, env: RunEnv, split_seed: int,
+                 ppl_text: str = "ptb") -> torch.Tensor:
+    """The scoring text, lines joined with <eos> (as the zoo measures it).
 
     Public split: its first `n_tokens`. Hidden split: as many `seq_len` blocks drawn with the
-    scorer's secret seed from the rest of PTB valid (see `RunEnv.scoring_rows`)."""
-    stream = token_stream(tokenizer, list(load("ptb").splits["dev"]["text"]))
+    scorer's secret seed from the rest of the text (see `RunEnv.scoring_rows`)."""
+    stream = token_stream(tokenizer, scoring_lines(ppl_text))
     if env.split == "public":
         return stream[:n_tokens]
     blocks = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)
@@ -77,50 +178,144 @@ def valid_stream(tokenizer, n_tokens: int, seq_len: int, env: RunEnv, split_seed
     return blocks[torch.as_tensor(rows)].reshape(-1)
 
 
-def _correlations(changes: np.ndarray, losses: np.ndarray, tokens_per_block: int, idx=None, pairs=None):
-    """Spearman and Kendall of stage change vs log-perplexity improvement (optionally resampled)."""
+def _losses(spec: TaskSpec, env: RunEnv, traj: Trajectory) -> np.ndarray:
+    """(checkpoints, blocks) summed loss of each scoring block under each checkpoint (memoised)."""
+    def measure():
+        models = [load_checkpoint(env, r) for r in traj.refs]
+        seq_len = Params.of(spec).seq_len
+        valid = valid_stream(models[0].tokenizer, Params.of(spec).valid_tokens, seq_len, env, spec.split_seed,
+                             Params.of(spec).ppl_text)
+        return torch.stack([chunk_losses(m, valid, seq_len) for m in models]).numpy()
+    return env.memo(("ppl-trend:losses", spec.fingerprint(), env.split, traj.refs), measure)
+
+
+def _ask(method: Method, spec: TaskSpec, env: RunEnv, traj: Trajectory, text, text_id: str,
+         labelling: str | None = None) -> np.ndarray:
+    """The method's stage change for each consecutive pair of `traj`'s checkpoints."""
+    models = [load_checkpoint(env, r) for r in traj.refs]
+    out = []
+    for before, after in zip(models[:-1], models[1:]):
+        ctx = MethodContext(after, after.sites(spec.sites), text, text_id, seed=env.seed, parent=before,
+                            labelling=labelling, cache=env.cache)
+        out.append(float(call_verb(method, "stage_change", ctx)))
+    return np.array(out)
+
+
+def gains(losses: np.ndarray, tokens_per_block: int, idx: np.ndarray | None = None) -> np.ndarray:
+    """Log-perplexity improvement between consecutive checkpoints (optionally on resampled blocks)."""
     sel = losses if idx is None else losses[:, idx]
     log_ppl = sel.sum(1) / (sel.shape[1] * tokens_per_block)
-    improvement = log_ppl[:-1] - log_ppl[1:]
-    x, y = (changes, improvement) if pairs is None else (changes[pairs], improvement[pairs])
-    return spearman(x, y), kendall(x, y)
+    return log_ppl[:-1] - log_ppl[1:]
+
+
+# --------------------------------------------------------------------------- statistics
+
+def statistics(changes: list[np.ndarray], reference: list[np.ndarray], improvement: list[np.ndarray]) -> dict:
+    """Pooled Spearman of the method and of the reference, their gap, and the time-controlled
+    correlation (when every trajectory has the same number of intervals; else NaN)."""
+    pts = np.array([len(c) for c in changes])
+    rho = np.array([spearman_rows(c[None], g[None])[0] for c, g in zip(changes, improvement)])
+    ref = np.array([spearman_rows(c[None], g[None])[0] for c, g in zip(reference, improvement)])
+    out = {"pooled_spearman": fisher_pool(rho, pts), "reference_spearman": fisher_pool(ref, pts)}
+    out["gap"] = out["pooled_spearman"] - out["reference_spearman"]
+    same = len(set(pts)) == 1 and len(changes) >= 3
+    out["time_controlled"] = time_controlled(np.stack(changes), np.stack(improvement)) if same else math.nan
+    return out
+
+
+def bootstrap(changes, reference, losses, tokens_per_block: int, reps: int, rng) -> dict[str, np.ndarray]:
+    """`statistics` on `reps` replicates resampling trajectories and, within each, scoring blocks;
+    the method and the reference always see the same replicate (a paired bootstrap)."""
+    n = len(changes)
+    draws = {k: [] for k in ("pooled_spearman", "reference_spearman", "gap", "time_controlled")}
+    for _ in range(reps):
+        pick = rng.integers(0, n, n)
+        imp = [gains(losses[t], tokens_per_block, rng.integers(0, losses[t].shape[1], losses[t].shape[1]))
+               for t in pick]
+        stats = statistics([changes[t] for t in pick], [reference[t] for t in pick], imp)
+        for k, v in stats.items():
+            draws[k].append(v)
+    return {k: np.array(v) for k, v in draws.items()}
+
+
+def _interval(draws: np.ndarray) -> tuple[float | None, float | None]:
+    draws = draws[np.isfinite(draws)]
+    if not len(draws):
+        return None, None
+    return float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))
+
+
+# --------------------------------------------------------------------------- the task
+
+def method_text(spec: TaskSpec) -> tuple:
+    """(plain text, its id, planted text, its id): PTB train lines the method reads; the planted copy
+    carries `<plant> gold` once per line (at a seeded place)."""
+    corpus = load("ptb", seed=spec.split_seed)
+    text = subsample(corpus.splits["train"], Params.of(spec).method_lines, seed=spec.split_seed)
+    text_id = f"{corpus.fingerprint}:train:{len(text)}"
+    probe = text.map(lambda row, i: {"text": zoo_family.plant_line(row["text"], np.random.default_rng([spec.split_seed, i]))},
+                     with_indices=True)
+    return text, text_id, probe, f"{text_id}:planted"
+
+
+def _reference(spec: TaskSpec, method: Method, env: RunEnv, grid, text, text_id) -> list[np.ndarray]:
+    name = Params.of(spec).reference
+    if method.name == name:
+        return None
+    return env.memo(("ppl-trend:reference", spec.fingerprint(), name, tuple(t.refs for t in grid)),
+                    lambda: [_ask(get_method(name), spec, env, t, text, text_id) for t in grid])
 
 
 @register_task(SPEC, Params, Provides(gradients=True))
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list:
-    steps = catalogue.steps(spec.model)
-    models = [env.model(str(ModelRef.at_step(spec.model, s))) for s in steps]
-    p = Params.of(spec)
-    corpus = load("ptb", seed=spec.split_seed)
-    text = subsample(corpus.splits["train"], p.method_lines, seed=spec.split_seed)
-    changes = []
-    for before, after in zip(models[:-1], models[1:]):
-        ctx = MethodContext(after, after.sites(spec.sites), text, f"{corpus.fingerprint}:train:{len(text)}",
-                            seed=env.seed, parent=before, cache=env.cache)
-        out = call_verb(method, "stage_change", ctx)
-        changes.append(float(out))
-    seq_len = p.seq_len
-    def measure():
-        valid = valid_stream(models[0].tokenizer, p.valid_tokens, seq_len, env, spec.split_seed)
-        return torch.stack([chunk_losses(m, valid, seq_len) for m in models]).numpy()  # (C, blocks)
+    grid, planted = trajectories(spec.model)
+    text, text_id, probe, probe_id = method_text(spec)
+    changes = [_ask(method, spec, env, traj, text, text_id) for traj in grid]
+    reference = _reference(spec, method, env, grid, text, text_id) or changes
+    losses = [_losses(spec, env, t) for t in grid]
+    tpb = Params.of(spec).seq_len - 1
+    stats = statistics(changes, reference, [gains(l, tpb) for l in losses])
+    draws = bootstrap(changes, reference, losses, tpb, Params.of(spec).bootstrap, np.random.default_rng(env.seed))
+    out = [record(spec, method.name, f"ppl-trend.{k}", None if math.isnan(v) else v, env.seed,
+                  **dict(zip(("ci_low", "ci_high"), _interval(draws[k]))))
+           for k, v in stats.items() if not (k == "time_controlled" and math.isnan(v))]
+    out += _per_trajectory(spec, method, env, grid, changes, losses, tpb)
+    if planted:
+        out += _planted(spec, method, env, planted, (text, text_id), (probe, probe_id))
+    return out
 
-    losses = env.memo(("ppl-trend", spec.fingerprint(), env.split), measure)
-    changes_np = np.array(changes)
-    rho, tau = _correlations(changes_np, losses, seq_len - 1)
-    rng = np.random.default_rng(env.seed)
-    boot = [_correlations(changes_np, losses, seq_len - 1, rng.integers(0, losses.shape[1], losses.shape[1]),
-                          rng.integers(0, len(changes), len(changes))) for _ in range(p.bootstrap)]
+
+def _per_trajectory(spec, method, env, grid, changes, losses, tpb) -> list:
     out = []
-    for i, name in enumerate(("spearman", "kendall")):
-        vals = np.array([b[i] for b in boot])
-        vals = vals[np.isfinite(vals)]
-        lo, hi = (float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))) if len(vals) else (None, None)
-        value = (rho, tau)[i]
-        out.append(record(spec, method.name, f"ppl-trend.{name}", None if math.isnan(value) else value,
-                          env.seed, ci_low=lo, ci_high=hi))
-    log_ppl = losses.sum(1) / (losses.shape[1] * (seq_len - 1))
-    for step, change in zip(steps[1:], changes):
-        out.append(record(spec, method.name, "ppl-trend.stage_change", change, env.seed, k=float(step)))
-    for step, lp in zip(steps, log_ppl):
-        out.append(record(spec, method.name, "ppl-trend.valid_ppl", float(math.exp(lp)), env.seed, k=float(step)))
+    for traj, change, loss in zip(grid, changes, losses):
+        tag = lambda r: replace(r, model=traj.name)  # noqa: E731  (records of one trajectory)
+        rho = spearman_rows(change[None], gains(loss, tpb)[None])[0]
+        out.append(tag(record(spec, method.name, "ppl-trend.spearman", None if math.isnan(rho) else float(rho), env.seed)))
+        out += [tag(record(spec, method.name, "ppl-trend.stage_change", float(c), env.seed, k=float(s)))
+                for s, c in zip(traj.steps[1:], change)]
+        log_ppl = loss.sum(1) / (loss.shape[1] * tpb)
+        out += [tag(record(spec, method.name, "ppl-trend.valid_ppl", float(math.exp(lp)), env.seed, k=float(s)))
+                for s, lp in zip(traj.steps, log_ppl)]
+    return out
+
+
+def _planted(spec, method, env, planted, plain, probe) -> list:
+    """Per planted trajectory, excess = change on text carrying the planted concept minus change on
+    plain text; where it peaks against the known onset (`pooled.onset_scores`), bootstrapped over
+    planted trajectories."""
+    out, scores = [], []
+    for traj in planted:
+        excess = _ask(method, spec, env, traj, *probe, labelling="planted") - _ask(method, spec, env, traj, *plain)
+        scores.append(onset_scores(excess, traj.onset))
+        out += [replace(record(spec, method.name, "ppl-trend.planted.excess", float(e), env.seed, k=float(s)),
+                        model=traj.name) for s, e in zip(traj.steps[1:], excess)]
+    scores = np.array(scores)  # (planted, 2): rank, hit
+    rng = np.random.default_rng([env.seed, 1])
+    boot = scores[rng.integers(0, len(scores), (Params.of(spec).bootstrap, len(scores)))].mean(1)
+    for i, name in enumerate(("onset_rank", "hit")):
+        lo, hi = _interval(boot[:, i])
+        out.append(record(spec, method.name, f"ppl-trend.planted.{name}", float(scores[:, i].mean()), env.seed,
+                          ci_low=lo, ci_high=hi))
+    chance = float(np.mean([1 / (len(t.refs) - 1) for t in planted]))
+    out.append(record(spec, method.name, "ppl-trend.planted.chance_hit", chance, env.seed))
     return out

@@ -123,7 +123,7 @@ def quick_results(tmp_path_factory) -> Path:
     return _quick_run(tmp_path_factory.getbasetemp() / "quick-run")
 
 
-HEADLINES = {"prune": "prune.gap_auc", "ppl-trend": "ppl-trend.spearman", "descriptors": "descriptors.data.p_gap@2",
+HEADLINES = {"prune": "prune.gap_auc", "ppl-trend": "ppl-trend.time_controlled", "descriptors": "descriptors.data.p_gap@2",
              "probe": "probe.tmb_gap@10", "erasure": "erasure.comp_gap_mean"}
 
 
@@ -134,7 +134,7 @@ def _task_metrics(task: str) -> list[tuple[str, float | None]]:
         return [(f"prune.acc_drop.{c}", k) for c in conds for k in (0.01, 0.05, 0.2)] + [("prune.gap_auc", None)]
     if task == "ppl-trend":
         return ([("ppl-trend.valid_ppl", s) for s in (1, 2, 4, 8)] + [("ppl-trend.stage_change", s) for s in (2, 4, 8)]
-                + [("ppl-trend.spearman", None), ("ppl-trend.kendall", None)])
+                + [(f"ppl-trend.{m}", None) for m in ("pooled_spearman", "reference_spearman", "gap", "time_controlled")])
     if task == "descriptors":
         return [(f"descriptors.{t}.{m}@{k}", k) for t in ("data", "planted") for m in ("p", "r", "chance_p", "chance_r", "p_gap")
                 for k in (1, 2, 5)]

@@ -72,6 +72,17 @@ class TrajectoryHP:
         if not steps or steps[0] < 1 or any(b <= a for a, b in zip(steps, steps[1:])):
             raise ValueError(f"checkpoints={steps!r} must be increasing positive steps")
 
+    # Hooks for variants that change the training stream (`zoo_family.PlantedHP`); methods, not
+    # fields, so the hyper-parameters of existing entries (and their built manifests) stay as they are.
+    def extra_words(self) -> tuple[str, ...]:
+        """Words added to the tokenizer beyond the train text's."""
+        return ()
+
+    def train_batch(self, step: int, x_BL, tokenizer):
+        """The batch (a (B, L) tensor) trained on at `step` (1-based), given the chunks the seeded
+        order picked."""
+        return x_BL
+
 
 @dataclass(frozen=True)
 class PackagedHP:

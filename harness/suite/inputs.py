@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from ..engine import catalogue
+from ..engine import catalogue, zoo_family
 from ..engine.data import get_data, load
 from .task import RunEnv, TaskSpec
 
@@ -16,8 +16,11 @@ log = logging.getLogger(__name__)
 
 
 def model_kind(name: str, env: RunEnv) -> str:
-    """`trajectory` or `classifier` for zoo entries of those kinds (without building them), else the
-    kind of the loaded model (`classifier`, `causal-lm` or `base`)."""
+    """`trajectory` or `classifier` for zoo entries of those kinds (without building them), and
+    `trajectory` for a zoo family or a user's checkpoint list (`a,b;c,d`: ppl-trend reads it), else
+    the kind of the loaded model (`classifier`, `causal-lm` or `base`)."""
+    if name in zoo_family.FAMILIES or "," in name or ";" in name:
+        return "trajectory"
     base = name.partition("@")[0]
     if base in _zoo_names():
         kind = catalogue.get_spec(base).kind
@@ -39,7 +42,8 @@ def check_model(spec: TaskSpec, env: RunEnv) -> str:
     kind = model_kind(spec.model, env)
     if takes is None or kind not in takes.models:
         wants = " or ".join(takes.models) if takes else "its own model only"
-        extra = " (user trajectories: issue 14)" if takes and "trajectory" in takes.models else ""
+        extra = (" (a zoo trajectory or family, or checkpoints in training order: 'a,b,c;d,e,f')"
+                 if takes and "trajectory" in takes.models else "")
         raise ValueError(f"task {spec.name!r} scores a {wants} model{extra}; {spec.model!r} is a {kind} model: "
                          f"drop {spec.name} from --tasks or pass a model of that kind")
     if kind == "classifier" and spec.model not in _zoo_names():

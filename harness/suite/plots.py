@@ -141,26 +141,28 @@ def erasure_plot(frame: pl.DataFrame) -> bytes | None:
 
 
 def ppl_trend_plot(frame: pl.DataFrame) -> bytes | None:
-    """Per method: stage change against the log-perplexity improvement between consecutive steps."""
+    """Per method: stage change against the log-perplexity improvement between consecutive steps,
+    one colour per trajectory (the records' `model`), titled with the pooled correlation and the gap."""
     methods = sorted(frame.filter(pl.col("metric") == "ppl-trend.stage_change")["method"].unique())
     if not methods:
         return None
     fig, axes = _grid(len(methods))
     for ax, method in zip(axes, methods):
         sub = frame.filter(pl.col("method") == method)
-        ppl = _series(sub, "ppl-trend.valid_ppl")
-        log_ppl = dict(zip(ppl["k"].to_list(), (math.log(v) for v in ppl["value"])))
-        steps = sorted(log_ppl)
-        gain = {later: log_ppl[earlier] - log_ppl[later] for earlier, later in zip(steps, steps[1:])}
-        change = _series(sub, "ppl-trend.stage_change")
-        pts = [(gain[k], v, k) for k, v in zip(change["k"], change["value"]) if k in gain]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color=COLORS[0])
-        for x, y, step in pts:
-            ax.annotate(f"{step:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-        rho = sub.filter(pl.col("metric") == "ppl-trend.spearman")["value"]
-        title = f"{method} (rho={rho[0]:+.2f})" if len(rho) and rho[0] is not None else method
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("log-ppl improvement since previous step", fontsize=8)
+        trajs = sorted(sub.filter(pl.col("metric") == "ppl-trend.stage_change")["model"].unique())
+        for i, traj in enumerate(trajs):
+            mine = sub.filter(pl.col("model") == traj)
+            ppl = _series(mine, "ppl-trend.valid_ppl")
+            log_ppl = dict(zip(ppl["k"].to_list(), (math.log(v) for v in ppl["value"])))
+            steps = sorted(log_ppl)
+            gain = {later: log_ppl[earlier] - log_ppl[later] for earlier, later in zip(steps, steps[1:])}
+            change = _series(mine, "ppl-trend.stage_change")
+            pts = [(gain[k], v) for k, v in zip(change["k"], change["value"]) if k in gain]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, color=COLORS[i % len(COLORS)])
+        heads = {m: sub.filter(pl.col("metric") == f"ppl-trend.{m}")["value"] for m in ("pooled_spearman", "gap")}
+        parts = [f"{m.split('_')[0]}={v[0]:+.2f}" for m, v in heads.items() if len(v) and v[0] is not None]
+        ax.set_title(f"{method} ({', '.join(parts)})" if parts else method, fontsize=9)
+        ax.set_xlabel("log-ppl improvement since previous checkpoint", fontsize=8)
         ax.set_ylabel("stage change", fontsize=8)
         ax.tick_params(labelsize=7)
     return _png(fig)

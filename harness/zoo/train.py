@@ -269,7 +269,7 @@ def build_trajectory(hp: TrajectoryHP, out: Path, progress: bool = True) -> Buil
     if corpus.kind != "lm":
         raise ValueError(f"trajectory data {hp.data!r} is of kind {corpus.kind!r}, not 'lm'")
     lines = corpus.texts("train")[: hp.train_lines]
-    tokenizer = word_tokenizer(lines, hp.seq_len)
+    tokenizer = word_tokenizer([*lines, *hp.extra_words()], hp.seq_len)
     train = token_stream(tokenizer, lines)
     chunks_NL = train[: len(train) // hp.seq_len * hp.seq_len].view(-1, hp.seq_len)
     valid = token_stream(tokenizer, corpus.texts("dev"))[: hp.eval_tokens]
@@ -285,7 +285,7 @@ def build_trajectory(hp: TrajectoryHP, out: Path, progress: bool = True) -> Buil
     points, losses = [], []
     model.train()
     for step in tqdm(range(1, steps + 1), desc="train LM", unit="step", disable=not progress):
-        x = chunks_NL[order[step - 1]].to(device)
+        x = hp.train_batch(step, chunks_NL[order[step - 1]], tokenizer).to(device)
         loss = lm_loss(model, x, "mean")
         _step(model, opt, sched, loss, hp.max_grad_norm)
         losses.append(loss.item())

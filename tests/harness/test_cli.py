@@ -63,7 +63,7 @@ def test_quick_run_writes_results_and_prints_the_table(tmp_path, capsys):
     assert main(["run", "--quick", "--tasks", "ppl-trend", "--methods", "random", "weight-distance",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "ppl-trend.spearman" in printed and "weight-distance" in printed
+    assert "ppl-trend.time_controlled" in printed and "weight-distance" in printed
     assert (out / "results.parquet").is_file() and (out / "config.json").is_file()
 
 

@@ -70,7 +70,7 @@ def test_hidden_split_marks_records_and_moves_what_depends_on_the_examples(tmp_p
     assert datetime.fromisoformat(config["created"]).tzinfo is not None  # the leaderboard orders runs by it
     for name in ("results.parquet", "config.json", MANIFEST):
         assert b"987654321" not in (out / name).read_bytes()
-    both = public.join(hidden, on=["task", "metric", "k"], suffix="_hidden", nulls_equal=True)
+    both = public.join(hidden, on=["task", "model", "metric", "k"], suffix="_hidden", nulls_equal=True)
     assert len(both) == len(public) == len(hidden)
     for task in read_manifest(folder)["tasks"]:
         rows = both.filter(pl.col("task") == task)

@@ -84,7 +84,7 @@ DEFECTS = {
     "step outside the trajectory": (lambda d: _frame(d, "ppl-trend", lambda f: _set(f, "from_step", 0, 999)),
                                     "ppl-trend.parquet", "from_step", 0, "step 999 is not a checkpoint"),
     "missing stage pair": (lambda d: _frame(d, "ppl-trend", lambda f: f[1:]),
-                           "ppl-trend.parquet", "score", None, "missing the stage change from step"),
+                           "ppl-trend.parquet", "score", None, "missing the stage change of"),
     "example outside the pool": (lambda d: _frame(d, POSITIONS, lambda f: _set(f, "example_id", 0, 10**9)),
                                  f"{POSITIONS}.parquet", "example_id", 0, "example id 1000000000 is not in the task's pool"),
     "unknown column": (lambda d: _frame(d, "prune", lambda f: f.with_columns(claimed_gap_auc=pl.lit(0.99))),

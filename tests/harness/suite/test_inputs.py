@@ -69,7 +69,7 @@ def refused(capsys, tmp_path, argv) -> str:
 @pytest.mark.parametrize("task,kind,message", [
     ("prune", "base", "scores a classifier or causal-lm model; '.*' is a base model"),
     ("erasure", "base", "scores a classifier or causal-lm model"),
-    ("ppl-trend", "causal-lm", r"scores a trajectory model \(user trajectories: issue 14\)"),
+    ("ppl-trend", "causal-lm", r"scores a trajectory model \(a zoo trajectory or family, or checkpoints in training order"),
     ("ppl-trend", "classifier", "scores a trajectory model"),
 ])
 def test_a_model_of_a_kind_the_task_does_not_take_is_refused(capsys, tmp_path, folders, task, kind, message):
@@ -114,3 +114,12 @@ def test_two_files_one_task_takes_are_refused(capsys, tmp_path, folders, files):
 def test_a_bad_data_file_names_its_line(capsys, tmp_path, folders, files):
     err = refused(capsys, tmp_path, ["--tasks", "prune", "--model", folders["classifier"], "--data", files["bad"]])
     assert "line 3" in err and "missing label" in err
+
+
+def test_zoo_families_and_checkpoint_lists_are_trajectories(folders):
+    from neuronbench.harness.suite.inputs import model_kind
+
+    env = None  # neither needs a model loaded
+    assert model_kind("ptb-grid", env) == "trajectory"
+    assert model_kind(f"{folders['causal-lm']},{folders['causal-lm']},{folders['causal-lm']}", env) == "trajectory"
+    assert model_kind("a/step-1,a/step-2;b/step-1,b/step-2", env) == "trajectory"

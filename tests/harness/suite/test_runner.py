@@ -56,7 +56,7 @@ def test_summary_flags_a_task_whose_sanity_check_failed(tmp_path, monkeypatch):
     frame, _ = run_suite(RunConfig(tasks=("ppl-trend",), methods=("random",), quick=True), progress=False)
     failing = sanity.Check("ppl-trend", "reinit", "m~reinit", 0.9, 0.8, 1.0, 0.0)
     verdicts.store_verdict(spec, [failing])
-    assert [c for c in summary(frame).columns if "SANITY FAILED" in c] == ["ppl-trend (ppl-trend.spearman) SANITY FAILED"]
+    assert [c for c in summary(frame).columns if "SANITY FAILED" in c] == ["ppl-trend (ppl-trend.time_controlled) SANITY FAILED"]
 
 
 def test_changed_spec_changes_fingerprint_and_version_is_part_of_it():
