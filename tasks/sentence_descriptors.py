@@ -33,6 +33,16 @@ Design:
 - Metrics per part, through the `evaluate` modules of `neuronbench.hf_metrics`: P@k, R@k (k in
   `ks`), the shuffled-answer null and `p_gap@k` as in `descriptors`; headline
   `sentence-descriptors.planted.p_gap@2` (no skill 0). The paper reports P@2 0.75, R@2 0.50.
+- Intervals (v2): 95% percentile bootstrap (`metrics.PairedBootstrap`). Planted units whose sets
+  share a descriptor are not independent: their detectors respond to the same sentences, so a
+  method's chance association with that descriptor (e.g. under permuted descriptors) moves all of
+  them at once; v1's unit bootstrap treated them as independent and was too narrow. The planted
+  part's units and descriptors are crossed, and a cluster bootstrap over the connected components
+  of "shares a descriptor" degenerates (32 sets of 1-3 from a few dozen descriptors form one or
+  two components; the quick run's 8 sets of 8 descriptors, one). So each replicate resamples the
+  planted units and, independently, the descriptors (the pigeonhole bootstrap for crossed designs,
+  Owen 2007, mildly conservative): a unit weighs the mean draw count of its set's descriptors. The
+  data truth resamples neurons, as v1 did; its intervals are unchanged.
   Description metrics (NeuronEval): correlation, AUPRC, F1, IoU between each scored neuron's
   validation activations and the presence of the method's first descriptor (`desc_<metric>`), and
   each metric's missing-/extra-label sanity pass rates on the planted units
@@ -54,7 +64,7 @@ from neuronbench.harness.engine.data import load, subsample
 from neuronbench.harness.engine.discovery import (Vocabulary, assign, cluster, make_embedder, make_proposer,
                                                   normalise, propose, sentence_means)
 from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, Provides, call_verb
-from neuronbench.harness.engine.metrics import bootstrap_ci
+from neuronbench.harness.engine.metrics import PairedBootstrap
 from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.tasks._planting import Planted, ffn_inputs, fit_detectors, plant_units
 from neuronbench.harness.engine.records import Record
@@ -68,7 +78,7 @@ log = logging.getLogger(__name__)
 
 NAME = "sentence-descriptors"
 SPEC = TaskSpec(
-    name=NAME, version=1, verb="descriptors", model="minilm", data="polarity", sites="resid",
+    name=NAME, version=2, verb="descriptors", model="minilm", data="polarity", sites="resid",
     headline=f"{NAME}.planted.p_gap@2", no_skill=0.0,
     params=(("per_part", 300), ("generator", "smollm2-135m"), ("embedder", "minilm"),
             ("cluster_similarity", 0.8), ("min_support", 5), ("max_vocabulary", 60), ("min_positive", 10),
@@ -84,6 +94,7 @@ SPEC = TaskSpec(
 
 _MAX_DRAWS = 5000
 _SHUFFLE_STREAM = 11
+_BOOT_STREAM = 13
 
 
 def parts(spec: TaskSpec) -> dict[str, datasets.Dataset]:
@@ -194,21 +205,32 @@ def _prepare(spec: TaskSpec, model: LoadedModel, cfg: CollectConfig, seed: int) 
                   plant_units(model, layer, weight, bias, seed=seed), sets)
 
 
-def _interval(values: np.ndarray, n_boot: int, seed: int):
+def _interval(values: np.ndarray, n_boot: int, seed: int, sets: list[tuple[int, ...]] | None = None):
+    """Percentile interval of the mean of `values` over resampled units, crossed with resampled
+    descriptors when `sets` gives each unit's descriptor indices (see the module docstring)."""
     if len(values) < 2:
         return None, None
-    return bootstrap_ci(lambda idx: values[idx].mean(), len(values), n_boot, seed)
+    groups = None
+    if sets is not None:
+        groups = np.zeros((len(sets), 1 + max(v for s in sets for v in s)), dtype=bool)
+        for i, s in enumerate(sets):
+            groups[i, list(s)] = True
+    boot = PairedBootstrap(len(values), n_boot, seed, _BOOT_STREAM, groups=groups)
+    return boot.ci(np.asarray(values, dtype=np.float64)[None, :])[1:]
 
 
 def part_records(spec: TaskSpec, method: str, seed: int, part: str, answer, truth: dict[int, set[str]],
-                 n_boot: int) -> list[Record]:
-    """P@k, R@k (the `neuron_precision_at_k` module), the shuffled null and p_gap, with intervals."""
+                 n_boot: int, sets: dict[int, tuple[int, ...]] | None = None) -> list[Record]:
+    """P@k, R@k (the `neuron_precision_at_k` module), the shuffled null and p_gap, with intervals
+    over resampled neurons, crossed with resampled descriptors where `sets` (neuron -> the
+    descriptor indices it detects) is given."""
     name = f"{NAME}.{part}"
     out = [record(spec, method, f"{name}.n_scored", float(len(truth)), seed)]
     if not truth:
         log.warning("%s: no %s neuron has a truth set; nothing to score", NAME, part)
         return out
     module, neurons = load_metric("neuron_precision_at_k"), list(truth)
+    labels = None if sets is None else [sets[n] for n in neurons]
     ks = dict(spec.params)["ks"]
     shuffled = shuffled_at_k(answer, truth, ks, np.random.default_rng([seed, _SHUFFLE_STREAM]))
     for k in ks:
@@ -216,17 +238,21 @@ def part_records(spec: TaskSpec, method: str, seed: int, part: str, answer, trut
                              references=[sorted(truth[n]) for n in neurons], k=k)
         p, r = np.asarray(res["per_item_precision"]), np.asarray(res["per_item_recall"])
         for metric, v in (("p", p), ("r", r), ("p_shuffled", shuffled[k]), ("p_gap", p - shuffled[k])):
-            lo, hi = _interval(v, n_boot, seed)
+            lo, hi = _interval(v, n_boot, seed, labels)
             out.append(record(spec, method, f"{name}.{metric}@{k}", float(v.mean()), seed, k=float(k),
                               ci_low=lo, ci_high=hi))
     return out
 
 
 def description_records(spec: TaskSpec, method: str, seed: int, part: str, answer, acts: dict[int, np.ndarray],
-                        present: np.ndarray, names: tuple[str, ...], n_boot: int) -> list[Record]:
-    """Each description metric between a neuron's activations and its first descriptor's presence."""
+                        present: np.ndarray, names: tuple[str, ...], n_boot: int,
+                        sets: dict[int, tuple[int, ...]] | None = None) -> list[Record]:
+    """Each description metric between a neuron's activations and its first descriptor's presence
+    (intervals as in `part_records`)."""
     col = {d: i for i, d in enumerate(names)}
-    items = [(acts[n], present[:, col[answer[n][0]]]) for n in acts if answer.get(n)]
+    answered = [n for n in acts if answer.get(n)]
+    items = [(acts[n], present[:, col[answer[n][0]]]) for n in answered]
+    labels = None if sets is None else [sets[n] for n in answered]
     if not items:
         return []
     res = load_metric("neuron_description").compute(
@@ -235,7 +261,7 @@ def description_records(spec: TaskSpec, method: str, seed: int, part: str, answe
     out = []
     for metric in dict(spec.params)["description_metrics"]:
         v = np.asarray(res[f"per_item_{metric}"])
-        lo, hi = _interval(v, n_boot, seed)
+        lo, hi = _interval(v, n_boot, seed, labels)
         out.append(record(spec, method, f"{NAME}.{part}.desc_{metric}@1", float(v.mean()), seed, k=1.0,
                           ci_low=lo, ci_high=hi))
     return out
@@ -298,12 +324,14 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     data_truth, data_acts, unit_acts = _validation_truth(col, setup, cfg.sites, index, rows, float(p["d_threshold"]))
     planted_truth = {index.offset(planted.site) + u: {names[v] for v in s} for u, s in zip(planted.units, setup.sets)}
     planted_acts = {index.offset(planted.site) + u: unit_acts[:, j] for j, u in enumerate(planted.units)}
+    groups = dict(zip(planted_truth, setup.sets))
     unit_present = np.stack([present[:, list(s)].any(1) for s in setup.sets], 1)
     # Fidelity: the share of (unit, descriptor of D_j) pairs whose validation d reaches the threshold.
     unit_d = np.concatenate([cohen_d(unit_acts[:, [j]], present[:, list(s)])[:, 0] for j, s in enumerate(setup.sets)])
-    for part, truth, acts in (("planted", planted_truth, planted_acts), ("data", data_truth, data_acts)):
-        out += part_records(spec, method.name, env.seed, part, answer, truth, n_boot)
-        out += description_records(spec, method.name, env.seed, part, answer, acts, present, names, n_boot)
+    for part, truth, acts, sets in (("planted", planted_truth, planted_acts, groups),
+                                    ("data", data_truth, data_acts, None)):
+        out += part_records(spec, method.name, env.seed, part, answer, truth, n_boot, sets)
+        out += description_records(spec, method.name, env.seed, part, answer, acts, present, names, n_boot, sets)
     for metric, res in env.memo((NAME, "sanity", spec.fingerprint(), env.seed),
                                 lambda: metric_sanity(spec, unit_acts, unit_present, env.seed)).items():
         out += [record(spec, method.name, f"{NAME}.metric_sanity.{metric}.{t}", v, env.seed) for t, v in res.items()]

@@ -35,28 +35,51 @@ class PairedBootstrap:
     Resampling rows matters where they vary more than the units do (whether a random neuron set
     holds one of the few neurons that break a classifier).
 
+    With `groups`, units are crossed with shared sources of noise (planted units with the
+    descriptors they detect: units that share a descriptor share its chance association), and a
+    replicate resamples both (the pigeonhole bootstrap, Owen 2007, Ann. Appl. Stat. 1:2): group g is
+    drawn m_g times (from a generator seeded by (`seed`, `stream`, 1), restarted like the rows'),
+    and a drawn unit weighs the mean m_g over its groups. One group per unit is a two-stage cluster
+    bootstrap; a single group shared by all leaves the unit bootstrap.
+
     Args:
         n: units per row.
         n_boot: replicates.
         seed: the run seed.
         stream: the generator stream of the row draws (a task's bootstrap stream tag).
         den: (n,) per-unit denominators (e.g. words per sentence), or None for a plain mean.
+        groups: (n, G) bool, True where unit i shares source g (every unit in at least one), or None.
     """
 
-    def __init__(self, n: int, n_boot: int, seed: int, stream: int, den: np.ndarray | None = None):
+    def __init__(self, n: int, n_boot: int, seed: int, stream: int, den: np.ndarray | None = None,
+                 groups: np.ndarray | None = None):
         self.n, self.n_boot, self.seed, self.stream, self.den = n, n_boot, seed, stream, den
+        self.groups = None if groups is None else np.asarray(groups, dtype=bool)
+        if self.groups is not None and (self.groups.ndim != 2 or len(self.groups) != n
+                                        or not self.groups.any(1).all()):
+            raise ValueError(f"groups must be ({n}, G) bool with every unit in at least one group, "
+                             f"got shape {self.groups.shape}")
 
     def ci(self, per_seed: np.ndarray, den: np.ndarray | None = None) -> tuple[float, float, float]:
         """(value, low, high) of mean(per_seed) [/ mean(den)]; `per_seed` is (S, n), S = 1 or the
         rows resampled with the units; `den` replaces the bootstrap's own denominators."""
         den = self.den if den is None else den
         rows_rng = np.random.default_rng([self.seed, self.stream])
+        groups_rng = np.random.default_rng([self.seed, self.stream, 1])
+        share = None if self.groups is None else self.groups / self.groups.sum(1, keepdims=True)  # (n, G)
 
         def stat(units: np.ndarray) -> float:
             s = len(per_seed)
             rows = per_seed[rows_rng.integers(0, s, s)] if s > 1 else per_seed
-            num = rows[:, units].mean()
-            return num if den is None else num / den[units].mean()
+            if share is None:
+                num = rows[:, units].mean()
+                return num if den is None else num / den[units].mean()
+            g = share.shape[1]
+            w = (share @ np.bincount(groups_rng.integers(0, g, g), minlength=g))[units]  # mean m_g per unit
+            if not w.sum():
+                return float("nan")
+            num = (rows[:, units] * w).sum(1).mean() / w.sum()
+            return num if den is None else num / ((den[units] * w).sum() / w.sum())
 
         value = per_seed.mean() if den is None else per_seed.mean() / den.mean()
         return (float(value), *bootstrap_ci(stat, self.n, self.n_boot, self.seed))
