@@ -69,7 +69,7 @@ from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.tasks._planting import Planted, ffn_inputs, fit_detectors, plant_units
 from neuronbench.harness.engine.records import Record
 from neuronbench.harness.engine.sites import Site
-from neuronbench.harness.suite.task import RunEnv, Takes, TaskSpec, record, register_task
+from neuronbench.harness.suite.task import RunEnv, Takes, TaskParams, TaskSpec, record, register_task
 from neuronbench.hf_metrics import load as load_metric
 
 from .descriptors import shuffled_at_k
@@ -77,15 +77,95 @@ from .descriptors import shuffled_at_k
 log = logging.getLogger(__name__)
 
 NAME = "sentence-descriptors"
+
+
+@dataclass(frozen=True)
+class Params(TaskParams):
+    """sentence-descriptors' parameters (the module docstring gives the design).
+
+    Attributes:
+        per_part: sentences of each of the discovery, calibration and validation parts.
+        generator: the generator that proposes topics (`discovery.make_proposer`).
+        embedder: the embedder that clusters proposals (`discovery.make_embedder`).
+        cluster_similarity: cosine similarity in (0, 1] at which proposals join a descriptor.
+        min_support: discovery sentences a descriptor needs to enter the vocabulary.
+        max_vocabulary: descriptors kept at most.
+        min_positive: calibration and validation sentences a descriptor needs to be asked about.
+        truth_statistic: the data truth's statistic (only "cohen_d").
+        d_threshold: Cohen's d a neuron needs for a descriptor to enter its truth (positive).
+        n_planted: planted units (positive).
+        planted_layer: the layer whose FFN gets the planted units (negative counts from the end).
+        max_planted_size: descriptors a planted unit detects at most (positive).
+        planted_gain: the planted detectors' gain (positive).
+        ridge: the detectors' ridge penalty (non-negative).
+        ks: the k of P@k and R@k (positive integers).
+        description_metrics: names in `description.METRICS`.
+        active_fraction: share of inputs a neuron is active on, in (0, 1), for F1 and IoU.
+        sanity_trials: trials of each metric's label tests (positive).
+        sanity_pass_rate: pass rate in [0, 1] a metric needs in its label tests.
+        bootstrap: bootstrap replicates of each interval (positive).
+    """
+
+    per_part: int
+    generator: str
+    embedder: str
+    cluster_similarity: float
+    min_support: int
+    max_vocabulary: int
+    min_positive: int
+    truth_statistic: str
+    d_threshold: float
+    n_planted: int
+    planted_layer: int
+    max_planted_size: int
+    planted_gain: float
+    ridge: float
+    ks: tuple[int, ...]
+    description_metrics: tuple[str, ...]
+    active_fraction: float
+    sanity_trials: int
+    sanity_pass_rate: float
+    bootstrap: int
+
+    def __post_init__(self) -> None:
+        def bad(name: str, need: str) -> ValueError:
+            return ValueError(f"{NAME}: {name}={getattr(self, name)!r}; {need}")
+
+        for name in ("per_part", "min_support", "max_vocabulary", "min_positive", "n_planted",
+                     "max_planted_size", "sanity_trials", "bootstrap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, "use a positive integer")
+        if isinstance(self.planted_layer, bool) or not isinstance(self.planted_layer, int):
+            raise bad("planted_layer", "use an integer layer (negative counts from the end)")
+        if not 0 < self.cluster_similarity <= 1:
+            raise bad("cluster_similarity", "use a cosine similarity in (0, 1]")
+        if self.truth_statistic != "cohen_d":
+            raise bad("truth_statistic", 'only "cohen_d" is implemented')
+        for name in ("d_threshold", "planted_gain"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "use a positive number")
+        if not self.ridge >= 0:
+            raise bad("ridge", "use a non-negative penalty")
+        if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
+            raise bad("ks", "use a non-empty tuple of positive integers")
+        unknown = set(self.description_metrics) - set(description.METRICS)
+        if not self.description_metrics or unknown:
+            raise bad("description_metrics", f"use names among {tuple(description.METRICS)}")
+        if not 0 < self.active_fraction < 1:
+            raise bad("active_fraction", "use a share in (0, 1)")
+        if not 0 <= self.sanity_pass_rate <= 1:
+            raise bad("sanity_pass_rate", "use a rate in [0, 1]")
+
+
 SPEC = TaskSpec(
     name=NAME, version=2, verb="descriptors", model="minilm", data="polarity", sites="resid",
     headline=f"{NAME}.planted.p_gap@2", no_skill=0.0,
-    params=(("per_part", 300), ("generator", "smollm2-135m"), ("embedder", "minilm"),
-            ("cluster_similarity", 0.8), ("min_support", 5), ("max_vocabulary", 60), ("min_positive", 10),
-            ("truth_statistic", "cohen_d"), ("d_threshold", 0.8), ("n_planted", 32), ("planted_layer", -1),
-            ("max_planted_size", 3), ("planted_gain", 10.0), ("ridge", 1e-2), ("ks", (1, 2, 5)),
-            ("description_metrics", tuple(description.METRICS)), ("active_fraction", description.ACTIVE_FRACTION),
-            ("sanity_trials", 5), ("sanity_pass_rate", 0.9), ("bootstrap", 1000)),
+    params=Params(per_part=300, generator="smollm2-135m", embedder="minilm", cluster_similarity=0.8,
+                  min_support=5, max_vocabulary=60, min_positive=10, truth_statistic="cohen_d", d_threshold=0.8,
+                  n_planted=32, planted_layer=-1, max_planted_size=3, planted_gain=10.0, ridge=1e-2, ks=(1, 2, 5),
+                  description_metrics=tuple(description.METRICS), active_fraction=description.ACTIVE_FRACTION,
+                  sanity_trials=5, sanity_pass_rate=0.9, bootstrap=1000),
     quick=(("model", "minilm-polarity-tiny"), ("generator", "stub"), ("per_part", 80), ("n_planted", 6),
            ("min_positive", 5), ("min_support", 3), ("bootstrap", 200)),
     description="P@k/R@k of per-neuron descriptors from a generator-discovered vocabulary vs planted units "
@@ -102,7 +182,7 @@ def parts(spec: TaskSpec) -> dict[str, datasets.Dataset]:
     corpus = load(spec.data, seed=spec.split_seed, fractions=(0.4, 0.3, 0.3))
     out = {}
     for name, split in (("discovery", "train"), ("calibration", "dev"), ("validation", "test")):
-        part = subsample(corpus.splits[split], int(dict(spec.params)["per_part"]), spec.split_seed)
+        part = subsample(corpus.splits[split], Params.of(spec).per_part, spec.split_seed)
         out[name] = datasets.Dataset.from_dict({"id": list(part["id"]), "text": list(part["text"]),
                                                 "words": [t.split() for t in part["text"]]})
     return out
@@ -177,29 +257,29 @@ def _presence(descs: list[list[str]], names: tuple[str, ...]) -> np.ndarray:
 
 def _prepare(spec: TaskSpec, model: LoadedModel, cfg: CollectConfig, seed: int) -> _Setup:
     """Generate, discover the vocabulary, label calibration and validation, plant the units."""
-    p = dict(spec.params)
+    p = Params.of(spec)
     data = parts(spec)
     texts = [t for name in ("discovery", "calibration", "validation") for t in data[name]["text"]]
-    completions, cost = propose(make_proposer(p["generator"]), texts, progress=True)
+    completions, cost = propose(make_proposer(p.generator), texts, progress=True)
     log.info("%s: generation %s", NAME, cost)
     terms = [normalise(c) for c in completions]
     n_d, n_c = len(data["discovery"]), len(data["calibration"])
-    embed = make_embedder(p["embedder"])
-    vocab = cluster(terms[:n_d], embed, p["cluster_similarity"], p["min_support"], p["max_vocabulary"])
-    descs = assign(terms[n_d:], vocab.names, vocab.centres, embed, p["cluster_similarity"])
+    embed = make_embedder(p.embedder)
+    vocab = cluster(terms[:n_d], embed, p.cluster_similarity, p.min_support, p.max_vocabulary)
+    descs = assign(terms[n_d:], vocab.names, vocab.centres, embed, p.cluster_similarity)
     present = _presence(descs, vocab.names)
     present_c, present_v = present[:n_c], present[n_c:]
-    supported = (present_c.sum(0) >= p["min_positive"]) & (present_v.sum(0) >= p["min_positive"])
+    supported = (present_c.sum(0) >= p.min_positive) & (present_v.sum(0) >= p.min_positive)
     calib = data["calibration"].add_column(
         "word_descriptors", [[ds] * len(w) for ds, w in zip(descs[:n_c], data["calibration"]["words"])])
     both = datasets.concatenate_datasets([data["calibration"], data["validation"]])
-    layer = p["planted_layer"] % model.num_layers
+    layer = p.planted_layer % model.num_layers
     inputs, kept = ffn_inputs(model, layer, both, cfg.max_length, cfg.max_tokens)
     x = sentence_means(inputs, kept, [len(w) for w in both["words"]])
-    sets = choose_planted_sets(present_v, supported, int(p["n_planted"]), int(p["max_planted_size"]),
-                               float(p["d_threshold"]), np.random.default_rng(seed))
+    sets = choose_planted_sets(present_v, supported, p.n_planted, p.max_planted_size,
+                               p.d_threshold, np.random.default_rng(seed))
     targets = np.stack([present[:, list(s)].any(1) for s in sets], 1)
-    weight, bias = fit_detectors(x, targets, float(p["ridge"]), float(p["planted_gain"]))
+    weight, bias = fit_detectors(x, targets, p.ridge, p.planted_gain)
     n_cw = sum(len(w) for w in data["calibration"]["words"])
     return _Setup(vocab, calib, data["validation"], present_v, kept[n_cw:], supported,
                   plant_units(model, layer, weight, bias, seed=seed), sets)
@@ -231,7 +311,7 @@ def part_records(spec: TaskSpec, method: str, seed: int, part: str, answer, trut
         return out
     module, neurons = load_metric("neuron_precision_at_k"), list(truth)
     labels = None if sets is None else [sets[n] for n in neurons]
-    ks = dict(spec.params)["ks"]
+    ks = Params.of(spec).ks
     shuffled = shuffled_at_k(answer, truth, ks, np.random.default_rng([seed, _SHUFFLE_STREAM]))
     for k in ks:
         res = module.compute(predictions=[list(answer.get(n, [])) for n in neurons],
@@ -249,7 +329,7 @@ def description_records(spec: TaskSpec, method: str, seed: int, part: str, answe
                         sets: dict[int, tuple[int, ...]] | None = None) -> list[Record]:
     """Each description metric between a neuron's activations and its first descriptor's presence
     (intervals as in `part_records`)."""
-    col = {d: i for i, d in enumerate(names)}
+    col, p = {d: i for i, d in enumerate(names)}, Params.of(spec)
     answered = [n for n in acts if answer.get(n)]
     items = [(acts[n], present[:, col[answer[n][0]]]) for n in answered]
     labels = None if sets is None else [sets[n] for n in answered]
@@ -257,9 +337,9 @@ def description_records(spec: TaskSpec, method: str, seed: int, part: str, answe
         return []
     res = load_metric("neuron_description").compute(
         predictions=[a.astype(np.float32) for a, _ in items], references=[y.astype(np.int8) for _, y in items],
-        metrics=dict(spec.params)["description_metrics"], active_fraction=dict(spec.params)["active_fraction"])
+        metrics=p.description_metrics, active_fraction=p.active_fraction)
     out = []
-    for metric in dict(spec.params)["description_metrics"]:
+    for metric in p.description_metrics:
         v = np.asarray(res[f"per_item_{metric}"])
         lo, hi = _interval(v, n_boot, seed, labels)
         out.append(record(spec, method, f"{NAME}.{part}.desc_{metric}@1", float(v.mean()), seed, k=1.0,
@@ -269,11 +349,11 @@ def description_records(spec: TaskSpec, method: str, seed: int, part: str, answe
 
 def metric_sanity(spec: TaskSpec, unit_acts: np.ndarray, unit_present: np.ndarray, seed: int) -> dict:
     """metric -> {missing, extra, passed}: NeuronEval's label tests on the planted units."""
-    out = {}
-    for metric in dict(spec.params)["description_metrics"]:
+    out, p = {}, Params.of(spec)
+    for metric in p.description_metrics:
         rates = description.sanity_pass_rates(unit_acts, unit_present, description.METRICS[metric], seed,
-                                              int(dict(spec.params)["sanity_trials"]), dict(spec.params)["active_fraction"])
-        out[metric] = {**rates, "passed": float(min(rates.values()) >= dict(spec.params)["sanity_pass_rate"])}
+                                              p.sanity_trials, p.active_fraction)
+        out[metric] = {**rates, "passed": float(min(rates.values()) >= p.sanity_pass_rate)}
     return out
 
 
@@ -295,14 +375,14 @@ def _validation_truth(col, setup: _Setup, sites, index, rows: np.ndarray, thresh
     return data_truth, data_acts, unit_acts
 
 
-@register_task(SPEC, provides=Provides(labels=True))
+@register_task(SPEC, Params, Provides(labels=True))
 def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     """Discover the vocabulary and plant units (once per run), ask `method.descriptors` on the
     calibration part, score against the planted and validation truths."""
-    p = dict(spec.params)
-    n_boot = int(p["bootstrap"])
+    p = Params.of(spec)
+    n_boot = p.bootstrap
     model = env.model(spec.model)
-    layer = p["planted_layer"] % model.num_layers
+    layer = p.planted_layer % model.num_layers
     cfg = CollectConfig(sites=(*model.sites(spec.sites), Site.ffn(layer)), stats=(), dense_words=True,
                         alignment="last")
     setup = env.memo((NAME, spec.fingerprint(), env.seed), lambda: _prepare(spec, model, cfg, env.seed))
@@ -310,7 +390,7 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     asked = tuple(d for d, ok in zip(names, setup.supported) if ok)
     data = setup.calib if method.needs.labels else setup.calib.remove_columns("word_descriptors")
     ctx = MethodContext(planted.model, cfg.sites, data, f"{NAME}:{data_fingerprint(data)}", seed=env.seed,
-                        cache=env.cache, collect_defaults={"alignment": cfg.alignment}, proposer=p["generator"])
+                        cache=env.cache, collect_defaults={"alignment": cfg.alignment}, proposer=p.generator)
     answer = call_verb(method, spec.verb, ctx, asked)
     if isinstance(answer, NotApplicable):
         log.info("%s", answer)
@@ -321,7 +401,7 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     rows = env.scoring_rows(len(setup.valid), None, spec.split_seed)
     present = setup.present_v[rows]
     index, out = ctx.index, []
-    data_truth, data_acts, unit_acts = _validation_truth(col, setup, cfg.sites, index, rows, float(p["d_threshold"]))
+    data_truth, data_acts, unit_acts = _validation_truth(col, setup, cfg.sites, index, rows, p.d_threshold)
     planted_truth = {index.offset(planted.site) + u: {names[v] for v in s} for u, s in zip(planted.units, setup.sets)}
     planted_acts = {index.offset(planted.site) + u: unit_acts[:, j] for j, u in enumerate(planted.units)}
     groups = dict(zip(planted_truth, setup.sets))
@@ -335,7 +415,7 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     for metric, res in env.memo((NAME, "sanity", spec.fingerprint(), env.seed),
                                 lambda: metric_sanity(spec, unit_acts, unit_present, env.seed)).items():
         out += [record(spec, method.name, f"{NAME}.metric_sanity.{metric}.{t}", v, env.seed) for t, v in res.items()]
-    return [*out, record(spec, method.name, f"{NAME}.planted.fidelity", float(np.mean(unit_d >= p["d_threshold"])),
+    return [*out, record(spec, method.name, f"{NAME}.planted.fidelity", float(np.mean(unit_d >= p.d_threshold)),
                          env.seed),
             record(spec, method.name, f"{NAME}.vocabulary_size", float(len(asked)), env.seed),
             record(spec, method.name, f"{NAME}.discovered_size", float(len(names)), env.seed)]

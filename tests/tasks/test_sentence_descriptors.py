@@ -196,3 +196,13 @@ def test_discovery_is_not_applicable_without_a_generator(tiny):
     ctx = MethodContext(model, model.sites("resid"), datasets.Dataset.from_dict({"words": [["a", "cat"]]}), "d")
     with pytest.raises(NotImplementedError, match="no generator"):
         get_method("discovery").descriptors(ctx, ("comedy",))
+
+
+def test_params_are_checked():
+    assert S.Params.of(S.SPEC).ks == (1, 2, 5)
+    for field, value in (("ks", (0, 2)), ("description_metrics", ("accuracy",)), ("n_planted", 0),
+                         ("cluster_similarity", 1.5), ("truth_statistic", "auroc")):
+        with pytest.raises(ValueError, match=field):
+            S.Params(**{**dict(S.SPEC.params), field: value})
+    with pytest.raises(ValueError, match="unknown parameter"):
+        S.Params.of(dataclasses.replace(S.SPEC, params=(*S.SPEC.params, ("extra", 1))))
