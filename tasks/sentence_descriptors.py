@@ -30,8 +30,8 @@ Design:
   (`truth_statistic`: mean sentence activation with the descriptor minus without, over the pooled
   standard deviation) is at least `d_threshold`. No baseline ranks by d (contrast: word-level
   AUROC; discovery: log odds among top sentences).
-- Metrics per part, through the `evaluate` modules of `neuronbench.hf_metrics`: P@k, R@k (k in
-  `ks`), the shuffled-answer null and `p_gap@k` as in `descriptors`; headline
+- Metrics per part, through the `evaluate` modules of `neuronbench.harness.engine.hf_metrics`:
+  P@k, R@k (k in `ks`), the shuffled-answer null and `p_gap@k` as in `descriptors`; headline
   `sentence-descriptors.planted.p_gap@2` (no skill 0). The paper reports P@2 0.75, R@2 0.50.
 - Intervals (v2): 95% percentile bootstrap (`metrics.PairedBootstrap`). Planted units whose sets
   share a descriptor are not independent: their detectors respond to the same sentences, so a
@@ -64,13 +64,13 @@ from neuronbench.harness.engine.data import load, subsample
 from neuronbench.harness.engine.discovery import (Vocabulary, assign, cluster, make_embedder, make_proposer,
                                                   normalise, propose, sentence_means)
 from neuronbench.harness.engine.method import Method, MethodContext, NotApplicable, Provides, call_verb
-from neuronbench.harness.engine.metrics import PairedBootstrap
+from neuronbench.harness.engine.metrics import PairedBootstrap, cohen_d
 from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.tasks._planting import Planted, ffn_inputs, fit_detectors, plant_units
 from neuronbench.harness.engine.records import Record
 from neuronbench.harness.engine.sites import Site
 from neuronbench.harness.suite.task import RunEnv, Takes, TaskParams, TaskSpec, record, register_task
-from neuronbench.hf_metrics import load as load_metric
+from neuronbench.harness.engine.hf_metrics import load as load_metric
 
 from .descriptors import shuffled_at_k
 
@@ -128,35 +128,29 @@ class Params(TaskParams):
     bootstrap: int
 
     def __post_init__(self) -> None:
-        def bad(name: str, need: str) -> ValueError:
-            return ValueError(f"{NAME}: {name}={getattr(self, name)!r}; {need}")
+        def integer(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
 
-        for name in ("per_part", "min_support", "max_vocabulary", "min_positive", "n_planted",
-                     "max_planted_size", "sanity_trials", "bootstrap"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(name, "use a positive integer")
-        if isinstance(self.planted_layer, bool) or not isinstance(self.planted_layer, int):
-            raise bad("planted_layer", "use an integer layer (negative counts from the end)")
-        if not 0 < self.cluster_similarity <= 1:
-            raise bad("cluster_similarity", "use a cosine similarity in (0, 1]")
-        if self.truth_statistic != "cohen_d":
-            raise bad("truth_statistic", 'only "cohen_d" is implemented')
-        for name in ("d_threshold", "planted_gain"):
-            if not getattr(self, name) > 0:
-                raise bad(name, "use a positive number")
-        if not self.ridge >= 0:
-            raise bad("ridge", "use a non-negative penalty")
-        if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
-            raise bad("ks", "use a non-empty tuple of positive integers")
-        unknown = set(self.description_metrics) - set(description.METRICS)
-        if not self.description_metrics or unknown:
-            raise bad("description_metrics", f"use names among {tuple(description.METRICS)}")
-        if not 0 < self.active_fraction < 1:
-            raise bad("active_fraction", "use a share in (0, 1)")
-        if not 0 <= self.sanity_pass_rate <= 1:
-            raise bad("sanity_pass_rate", "use a rate in [0, 1]")
-
+        positive = ("per_part", "min_support", "max_vocabulary", "min_positive", "n_planted", "max_planted_size",
+                    "sanity_trials", "bootstrap")
+        checks = [*((n, integer(getattr(self, n)) and getattr(self, n) >= 1, "use a positive integer")
+                    for n in positive),
+                  ("planted_layer", integer(self.planted_layer), "use an integer layer (negative counts from the end)"),
+                  ("cluster_similarity", 0 < self.cluster_similarity <= 1, "use a cosine similarity in (0, 1]"),
+                  ("truth_statistic", self.truth_statistic == "cohen_d", 'only "cohen_d" is implemented'),
+                  ("d_threshold", self.d_threshold > 0, "use a positive number"),
+                  ("planted_gain", self.planted_gain > 0, "use a positive number"),
+                  ("ridge", self.ridge >= 0, "use a non-negative penalty"),
+                  ("ks", bool(self.ks) and all(integer(k) and k >= 1 for k in self.ks),
+                   "use a non-empty tuple of positive integers"),
+                  ("description_metrics", bool(self.description_metrics)
+                   and set(self.description_metrics) <= set(description.METRICS),
+                   f"use names among {tuple(description.METRICS)}"),
+                  ("active_fraction", 0 < self.active_fraction < 1, "use a share in (0, 1)"),
+                  ("sanity_pass_rate", 0 <= self.sanity_pass_rate <= 1, "use a rate in [0, 1]")]
+        for name, ok, need in checks:
+            if not ok:
+                raise ValueError(f"{NAME}: {name}={getattr(self, name)!r}; {need}")
 
 SPEC = TaskSpec(
     name=NAME, version=2, verb="descriptors", model="minilm", data="polarity", sites="resid",
@@ -186,24 +180,6 @@ def parts(spec: TaskSpec) -> dict[str, datasets.Dataset]:
         out[name] = datasets.Dataset.from_dict({"id": list(part["id"]), "text": list(part["text"]),
                                                 "words": [t.split() for t in part["text"]]})
     return out
-
-
-def cohen_d(acts_SN: np.ndarray, present_SV: np.ndarray) -> np.ndarray:
-    """(V, N) Cohen's d of every neuron's activations, sentences with vs without each descriptor
-    (pooled within-group standard deviation; +-inf when it is 0 and the means differ, 0 when a
-    group is empty or both are constant and equal)."""
-    a = np.asarray(acts_SN, dtype=np.float64)
-    y = np.asarray(present_SV, dtype=np.float64)
-    n1, n0 = y.sum(0)[:, None], (1 - y).sum(0)[:, None]  # (V, 1)
-    s1, s0 = y.T @ a, (1 - y).T @ a
-    q1, q0 = y.T @ a**2, (1 - y).T @ a**2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        m1, m0 = s1 / n1, s0 / n0
-        ss = (q1 - n1 * m1**2) + (q0 - n0 * m0**2)
-        sd = np.sqrt(np.maximum(ss, 0) / np.maximum(n1 + n0 - 2, 1))
-        diff = m1 - m0
-        d = np.where(sd > 1e-12 * (1 + np.abs(diff)), diff / sd, np.sign(diff) * np.inf)
-    return np.where((n1 > 0) & (n0 > 0) & ~np.isnan(d), d, 0.0)
 
 
 def choose_planted_sets(valid_SV: np.ndarray, supported: np.ndarray, n: int, max_size: int, threshold: float,

@@ -1,4 +1,5 @@
-"""Metrics the tasks share: bootstrap intervals (plain and paired), rank correlations, precision/recall at k."""
+"""Metrics the tasks share: bootstrap intervals (plain and paired), rank correlations, precision/recall at k,
+Cohen's d."""
 from __future__ import annotations
 
 from typing import Callable
@@ -83,6 +84,24 @@ class PairedBootstrap:
 
         value = per_seed.mean() if den is None else per_seed.mean() / den.mean()
         return (float(value), *bootstrap_ci(stat, self.n, self.n_boot, self.seed))
+
+
+def cohen_d(acts_SN: np.ndarray, present_SV: np.ndarray) -> np.ndarray:
+    """(V, N) Cohen's d of every neuron's activations, sentences with vs without each descriptor
+    (pooled within-group standard deviation; +-inf when it is 0 and the means differ, 0 when a
+    group is empty or both are constant and equal)."""
+    a = np.asarray(acts_SN, dtype=np.float64)
+    y = np.asarray(present_SV, dtype=np.float64)
+    n1, n0 = y.sum(0)[:, None], (1 - y).sum(0)[:, None]  # (V, 1)
+    s1, s0 = y.T @ a, (1 - y).T @ a
+    q1, q0 = y.T @ a**2, (1 - y).T @ a**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m1, m0 = s1 / n1, s0 / n0
+        ss = (q1 - n1 * m1**2) + (q0 - n0 * m0**2)
+        sd = np.sqrt(np.maximum(ss, 0) / np.maximum(n1 + n0 - 2, 1))
+        diff = m1 - m0
+        d = np.where(sd > 1e-12 * (1 + np.abs(diff)), diff / sd, np.sign(diff) * np.inf)
+    return np.where((n1 > 0) & (n0 > 0) & ~np.isnan(d), d, 0.0)
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:

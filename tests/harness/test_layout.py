@@ -12,14 +12,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"harness": "neuronbench.harness", "tasks": "neuronbench.tasks",
-            "baselines": "neuronbench.baselines", "leaderboard": "neuronbench.leaderboard",
-            "hf_metrics": "neuronbench.hf_metrics"}
+            "baselines": "neuronbench.baselines", "leaderboard": "neuronbench.leaderboard"}
 
 # Floors, bottom to top: a module may import its own room and any lower floor, nothing else.
-# The root package holds only `__version__`. The `evaluate` metric modules (hf_metrics) stand on the
-# engine. Tasks and methods are plug-ins on the suite: neither
-# imports the other; the leaderboard replays both; the command line stands on everything.
-FLOORS = {"harness": 0, "harness.engine": 1, "harness.zoo": 2, "hf_metrics": 2, "harness.suite": 3,
+# The root package holds only `__version__`. The `evaluate` metric modules live in the engine
+# (harness/engine/hf_metrics, one folder each, as package data). Tasks and methods are plug-ins on
+# the suite: neither imports the other; the leaderboard replays both; the command line stands on everything.
+FLOORS = {"harness": 0, "harness.engine": 1, "harness.zoo": 2, "harness.suite": 3,
           "baselines": 4, "tasks": 4, "leaderboard": 5, "harness.cli": 6}
 
 

@@ -17,7 +17,7 @@ from neuronbench.harness.engine.method import get_method
 from neuronbench.harness.engine.metrics import precision_recall_at_k
 from neuronbench.harness.suite.task import RunEnv
 from neuronbench.harness.zoo.tiny import tiny_model, tiny_tokenizer
-from neuronbench.hf_metrics import load as load_metric
+from neuronbench.harness.engine.hf_metrics import load as load_metric
 from neuronbench.tasks import sentence_descriptors as S
 
 TINY = "tiny-sentence-bert"
@@ -111,6 +111,28 @@ def test_metric_values_on_hand_made_cases():
     assert description.f1(acts, y, 0.4) == pytest.approx(0.5)
     assert description.iou(acts, y, 0.4) == pytest.approx(1 / 3)
     assert description.correlation(np.ones(5), y) == 0.0
+
+
+def test_evaluate_modules_are_engine_package_data_and_load_by_folder():
+    """The modules live under harness/engine (the fixed top level) and ship as package data: each
+    folder holds its script, and `evaluate.load(folder)` loads it (no hub)."""
+    import tomllib
+    from pathlib import Path
+
+    import evaluate
+
+    from neuronbench.harness.engine import hf_metrics
+
+    root = Path(__file__).resolve().parents[2]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert data["neuronbench.harness.engine.hf_metrics"] == ["*/*.py"]
+    for name in hf_metrics.MODULES:
+        folder = Path(hf_metrics.module_dir(name))
+        assert folder.parent == root / "harness" / "engine" / "hf_metrics" and (folder / f"{name}.py").is_file()
+        assert evaluate.load(str(folder)).name == name
+    assert not (root / "hf_metrics").exists()
+    with pytest.raises(KeyError, match="NeuronBench ships"):
+        hf_metrics.module_dir("accuracy")
 
 
 def test_evaluate_modules_load_from_local_paths_and_agree_with_the_harness():

@@ -18,7 +18,7 @@ Returns:
     precision@k, recall@k: means over items with a non-empty truth;
     per_item_precision, per_item_recall: the per-item values (for intervals); n_items.
 Example:
-    >>> m = evaluate.load(neuronbench.hf_metrics.module_dir("neuron_precision_at_k"))
+    >>> m = evaluate.load(neuronbench.harness.engine.hf_metrics.module_dir("neuron_precision_at_k"))
     >>> m.compute(predictions=[["a", "b"]], references=[["b"]], k=2)["precision@k"]
     0.5
 """
