@@ -38,8 +38,8 @@ Design:
   method's chance association with that descriptor (e.g. under permuted descriptors) moves all of
   them at once; v1's unit bootstrap treated them as independent and was too narrow. The planted
   part's units and descriptors are crossed, and a cluster bootstrap over the connected components
-  of "shares a descriptor" degenerates (32 sets of 1-3 from a few dozen descriptors form one or
-  two components; the quick run's 8 sets of 8 descriptors, one). So each replicate resamples the
+  of "shares a descriptor" degenerates (the default's 32 sets of 1-3 of the 8 supported
+  descriptors form a single component at seeds 0 and 1, measured). So each replicate resamples the
   planted units and, independently, the descriptors (the pigeonhole bootstrap for crossed designs,
   Owen 2007, mildly conservative): a unit weighs the mean draw count of its set's descriptors. The
   data truth resamples neurons, as v1 did; its intervals are unchanged.
