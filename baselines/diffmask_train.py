@@ -248,7 +248,7 @@ def fit_gates(loaded: LoadedModel, train_b: list, dev_b: list, gates: nn.Module,
             if not order:
                 order = torch.randperm(len(train_b), generator=order_gen).tolist()
             kl, l0 = _step(loaded, gates, train_b[order.pop()], sample_gen, (opt, schedule, lagrange), cfg.eps)
-            for key, value in (("step", step), ("kl", kl), ("l0", l0), ("lagrange", float(lagrange.value))):
+            for key, value in (("step", step), ("kl", kl), ("l0", l0), ("lagrange", float(lagrange.value.detach()))):
                 curves[key].append(value)
             if step % cfg.eval_every and step != cfg.steps:
                 continue
