@@ -7,8 +7,8 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} HF_HUB_OFFLINE=${HF_HUB_OFFLI
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 start=$SECONDS
-neuronbench run --quick --out "$out/quick"
+"${PYTHON:-python3}" -m neuronbench.harness.cli run --quick --out "$out/quick"
 echo "quick suite: $((SECONDS - start)) s"
 # Per-task tolerances: how far a zoo rebuilt on another machine moves the quick suite (README, Regression testing).
-neuronbench regress "$out/quick" --against tests/golden/quick-suite --scope all --tolerance 1e-4 \
+"${PYTHON:-python3}" -m neuronbench.harness.cli regress "$out/quick" --against tests/golden/quick-suite --scope all --tolerance 1e-4 \
     --tolerances tests/golden/tolerances.json "$@"

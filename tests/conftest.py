@@ -8,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import pathlib
 from types import SimpleNamespace
 
 import datasets
 import pytest
 import torch
 
+import neuronbench.harness
 from neuronbench.harness.engine.cache import Cache
 from neuronbench.harness.engine.sites import Site
 from neuronbench.harness.zoo.tiny import tiny_model
@@ -54,6 +56,15 @@ WORD_LABELS = [
 
 
 # --------------------------------------------------------------------------- marker
+
+def pytest_configure(config):
+    """Refuse to test another checkout's code: an editable install of a second clone shadows this one."""
+    here = pathlib.Path(__file__).resolve().parents[1]
+    found = pathlib.Path(neuronbench.harness.__file__).resolve().parents[1]
+    if found != here:
+        raise pytest.UsageError(f"neuronbench is imported from {found}, not from this checkout {here}; "
+                                f"install this one: `{SETUP_COMMAND}` (or `pip install -e .` here)")
+
 
 def pytest_runtest_setup(item):
     """A `realmodel` test fails (never skips) when the packaged MiniLM is missing, naming the fix."""
