@@ -24,8 +24,10 @@ def test_bench_prune_ways_agree_and_ratios_follow_the_times(tiny, sentence_data,
     assert out["max_abs_diff"] <= 1e-5
     assert out["ratio"] == pytest.approx(out["per_mask_s"] / out["batched_s"])
     assert out["prefix_speedup"] == pytest.approx(out["batched_copy_inputs_s"] / out["batched_s"])
+    assert out["ratio_same_batches"] == pytest.approx(out["per_mask_same_batches_s"] / out["batched_s"])
+    assert out["masks_per_pass"] == 5  # a tiny batch: every mask in one pass
     assert out["first_masked_layer"] == (1 if sites == "ffn.1" else 0)
-    assert all(out[k] > 0 for k in ("per_mask_s", "batched_s", "batched_copy_inputs_s"))
+    assert all(out[k] > 0 for k in ("per_mask_s", "per_mask_same_batches_s", "batched_s", "batched_copy_inputs_s"))
     assert torch.get_num_threads() == out["threads"]
 
 
