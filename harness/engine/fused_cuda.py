@@ -37,10 +37,6 @@ def available(device: torch.device) -> bool:
     return triton is not None and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
 
 
-def kernel_name(device: torch.device) -> str:
-    return "triton-2d" if available(device) else "none"
-
-
 def _kernels() -> ModuleType:
     """The kernel module, imported on first use (it needs Triton). Triton's interpreter works only
     when `TRITON_INTERPRET=1` is set before Triton is imported: a process is one or the other."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from ..engine import fused_cuda
+from ..engine import fused, fused_cuda
 from ..engine.batching import columns, encode
 from ..engine.collect import CollectConfig, _autocast, collect, collect_encoded, run_batches
 from ..engine.intervene import MaskSet, evaluate_masks, gold_label_scores, next_token_scores
@@ -65,6 +65,13 @@ def batch1_loop(model: LoadedModel, texts: list[str]) -> int:
     return tokens
 
 
+def _kernel_name(device: torch.device) -> str:
+    """Which statistics kernel a fused collector uses on `device`."""
+    if fused_cuda.available(device):
+        return "triton-2d"
+    return "numba" if device.type == "cpu" and fused.available() else "torch"
+
+
 def _timed(fn, device) -> tuple[float, int]:
     _sync(device)
     start = time.perf_counter()
@@ -106,7 +113,7 @@ def bench_collect(model: LoadedModel, dataset, bench: BenchConfig = BenchConfig(
         "batch1_tok_s": n1 / t1, "batch1_examples": len(texts),
         "peak_rss_mb": _peak_rss_mb(), "rss_above_model_mb": _peak_rss_mb() - rss_model,
         "threads": torch.get_num_threads(), "tokenize_s": tokenize_s, "overlap": bench.overlap,
-        "kernel": fused_cuda.kernel_name(device),
+        "kernel": _kernel_name(device),
         "note": "bare and collect both start from the same tokenised examples; tokenize_s is apart",
     }
     out["speedup_vs_batch1"] = out["collect_tok_s"] / out["batch1_tok_s"]
