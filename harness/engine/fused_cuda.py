@@ -7,7 +7,7 @@ per-row max partials and per-tile top-k candidates. Partials are merged on the d
 Activations stay in their dtype (bf16 under autocast); no float32 copy is made.
 
 With `overlapped(True)` on CUDA the statistics run on a side stream, so batch i's statistics overlap
-batch i+1's forward; top-k candidates are then merged one batch late. Written and checked without a
+batch i+1's forward. Top-k candidates are merged one batch late in both modes. Written and checked without a
 GPU (the kernels under `TRITON_INTERPRET=1` on CPU tensors); the side stream is untested on hardware.
 """
 from __future__ import annotations
@@ -194,8 +194,10 @@ def _on_stream(stream, tensors=()):
 class SiteUpdater:
     """Updates one site's statistics (`collect.SiteStats`) from each batch with the kernels.
 
-    Top-k candidates are merged when the next batch arrives, or at `finish`: with the side stream,
-    reading their count then waits for this batch's kernel only, not for the model.
+    Top-k candidates are merged when the next batch arrives, or at `finish`: reading their count
+    then waits for the previous batch's kernel (long done), not for the model queued since, so the
+    host stays ahead of the device. The batch's activations are held until then (for the rare
+    candidate overflow), one batch's worth per site.
     """
 
     def __init__(self, stats, device: torch.device):
@@ -208,8 +210,6 @@ class SiteUpdater:
         with _on_stream(self.stream, (acts, *vars(view).values())):
             self._flush()
             self._launch(acts, view)
-            if self.stream is None:
-                self._flush()
 
     def finish(self) -> None:
         """Merge what is pending; afterwards the current stream sees every update."""
