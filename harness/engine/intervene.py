@@ -7,6 +7,7 @@ and seeds costs far fewer passes than one pass per mask.
 from __future__ import annotations
 
 import hashlib
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -15,6 +16,7 @@ import torch
 
 from . import distributed
 from .batching import Batch, encode, make_batch, plan_batches
+from .arch import layer_modules
 from .collect import _autocast
 from .hooks import site_hooks
 from .models import LoadedModel
@@ -22,6 +24,7 @@ from .objective import gold_log_prob
 from .sites import Site
 
 ABLATION_MODES = ("zero", "mean")
+log = logging.getLogger(__name__)
 
 
 def fill_values(model: LoadedModel, sites, mode: str, means: dict[Site, torch.Tensor] | None) -> dict[Site, torch.Tensor]:
@@ -95,7 +98,9 @@ def _fill_masked(state: dict, fills: dict[Site, torch.Tensor],
                  site: Site) -> Callable[[torch.Tensor], torch.Tensor]:
     """A hook for `site` that writes its fill value into the neurons each copy's mask ablates; the
     masks of the copies in the batch (Kg, N) are read from `state["mask"][site]` at call time."""
-    def fn(acts: torch.Tensor) -> torch.Tensor:
+    def fn(acts: torch.Tensor) -> torch.Tensor | None:
+        if state.get("copies", 1) > 1 and site.layer < state["first"]:
+            return None  # before the copies begin: no mask of the group ablates here
         kg = state["mask"][site].to(acts.device)  # (Kg, N); a dispatched model's layer may sit elsewhere
         shaped = acts.view(kg.shape[0], -1, *acts.shape[1:])  # (Kg, B, T, N)
         return torch.where(kg[:, None, None, :], fills[site].to(acts.device, acts.dtype), shaped).view_as(acts)
@@ -105,7 +110,7 @@ def _fill_masked(state: dict, fills: dict[Site, torch.Tensor],
 def evaluate_masks(model: LoadedModel, dataset, masks: MaskSet,
                    score: Callable[[object, Batch], torch.Tensor], mode: str = "zero",
                    means: dict[Site, torch.Tensor] | None = None, max_tokens: int = 8192,
-                   max_length: int = 256) -> torch.Tensor:
+                   max_length: int = 256, prefix_once: bool = True) -> torch.Tensor:
     """Score every example under every mask, several masks per forward pass.
 
     Args:
@@ -118,6 +123,10 @@ def evaluate_masks(model: LoadedModel, dataset, masks: MaskSet,
         means: per-site means for `mean`.
         max_tokens: padded tokens per forward pass, copies included.
         max_length: truncation length.
+        prefix_once: run the blocks before a group's first masked layer once on the plain batch and
+            copy it only from there (same scores; masks grouped by their first masked layer). A model
+            whose output is not one row per copy (a decoder classifier pooling by `input_ids`) falls
+            back to copying the inputs.
 
     Returns:
         (K, n_examples, ...) scores, examples in dataset order.
@@ -128,25 +137,99 @@ def evaluate_masks(model: LoadedModel, dataset, masks: MaskSet,
     lengths = [len(x) for x in enc.input_ids]
     # Each example is copied once per mask inside a group; size batches so copies fit the budget.
     per_group = max(1, min(K, max_tokens // max(lengths)))
-    state: dict[str, dict[Site, torch.Tensor]] = {}
+    groups = _mask_groups(model, masks, per_group, sort=prefix_once)
+    state: dict = {"prefix": prefix_once}
     hooks = {s: _fill_masked(state, fills, s) for s in masks.masks}
     results: list[torch.Tensor] = [None] * len(enc)  # type: ignore[list-item]
     batches = _share(plan_batches(lengths, max(1, max_tokens // per_group), 256), masks)
-    with torch.inference_mode(), _autocast(model.device), site_hooks(model.model, hooks):
+    with torch.inference_mode(), _autocast(model.device), _copy_from_block(model, state), \
+            site_hooks(model.model, hooks):
         for indices in batches:
             batch = make_batch(enc, indices, model.tokenizer.pad_token_id, device=model.device)
-            outs = []
-            for start in range(0, K, per_group):
-                state["mask"] = {s: m[start:start + per_group] for s, m in masks.masks.items()}
-                kg = next(iter(state["mask"].values())).shape[0]
-                out = model.model(input_ids=batch.input_ids.repeat(kg, 1),
-                                  attention_mask=batch.attention_mask.repeat(kg, 1))
-                val = score(out, batch)
-                outs.append(val.reshape(kg, len(indices), *val.shape[1:]).float().cpu())
-            full = torch.cat(outs, 0)  # (K, B, ...)
+            full = torch.empty(0)
+            for group, first in groups:
+                state["mask"] = {s: m[group] for s, m in masks.masks.items()}
+                val = _group_forward(model, batch, state, len(group), first, score)
+                val = val.reshape(len(group), len(indices), *val.shape[1:]).float().cpu()
+                if not full.numel():
+                    full = torch.empty(K, *val.shape[1:])
+                full[group] = val  # (K, B, ...)
             for b, i in enumerate(indices):
                 results[i] = full[:, b]
     return torch.stack(_gathered(results), 1)
+
+
+def _mask_groups(model: LoadedModel, masks: MaskSet, per_group: int, sort: bool) -> list[tuple[torch.Tensor, int]]:
+    """Mask indices in groups of `per_group`, each with the first layer any of its masks ablates
+    in (the last layer when none does). `sort`: order the masks by that layer first, so a group of
+    late masks shares a long prefix."""
+    first = torch.full((masks.k,), model.num_layers - 1, dtype=torch.int64)
+    for site in sorted(masks.masks, reverse=True):  # earlier layers overwrite later ones
+        hit = masks.masks[site].any(1).cpu()
+        first[hit] = torch.minimum(first[hit], torch.tensor(site.layer))
+    order = torch.argsort(first, stable=True) if sort else torch.arange(masks.k)
+    return [(order[i:i + per_group], int(first[order[i:i + per_group]].min()))
+            for i in range(0, masks.k, per_group)]
+
+
+def _group_forward(model: LoadedModel, batch: Batch, state: dict, kg: int, first: int, score) -> torch.Tensor:
+    """One forward pass for a group of `kg` masks: the plain batch copied from block `first` when
+    prefix reuse is on and `first` > 0, else `kg` copies of the inputs. Returns the group's scores."""
+    B = batch.input_ids.shape[0]
+    if state["prefix"] and first > 0 and kg > 1:
+        state.update(copies=kg, rows=B, first=first)
+        try:
+            out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        finally:
+            state["copies"] = 1
+        if _rows(out) == kg * B:
+            return score(out, batch)
+        log.info("%s: output rows are not one per copy; copying inputs instead of reusing the prefix",
+                 model.name)
+        state["prefix"] = False
+    out = model.model(input_ids=batch.input_ids.repeat(kg, 1), attention_mask=batch.attention_mask.repeat(kg, 1))
+    return score(out, batch)
+
+
+def _rows(out) -> int:
+    first = out.logits if getattr(out, "logits", None) is not None else out.to_tuple()[0]
+    return int(first.shape[0])
+
+
+def _repeat_batch(value, rows: int, copies: int):
+    """`value` copied `copies` times along dim 0 (copy-major) if it is batch-shaped (a tensor of 2+
+    dims with `rows` rows, or a tuple holding such, e.g. rotary (cos, sin)); else unchanged."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 2 and value.shape[0] == rows:
+            return value.repeat(copies, *([1] * (value.dim() - 1)))
+        return value
+    if isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+        return tuple(_repeat_batch(v, rows, copies) for v in value)
+    return value
+
+
+@contextmanager
+def _copy_from_block(model: LoadedModel, state: dict) -> Iterator[None]:
+    """Pre-hooks on every block: from block `state["first"]` on, while `state["copies"]` > 1, the
+    block's batch-shaped inputs (its hidden states once, the attention mask and position tensors at
+    every block) are copied `copies` times. They run before any other pre-hook on the block."""
+    def make(layer: int):
+        def hook(module, args, kwargs):
+            copies = state.get("copies", 1)
+            if copies == 1 or layer < state["first"]:
+                return None
+            rows = state["rows"]
+            return (tuple(_repeat_batch(a, rows, copies) for a in args),
+                    {k: _repeat_batch(v, rows, copies) for k, v in kwargs.items()})
+        return hook
+
+    handles = [block.register_forward_pre_hook(make(i), with_kwargs=True, prepend=True)
+               for i, block in enumerate(layer_modules(model.model))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _share(batches: list[list[int]], masks: MaskSet) -> list[list[int]]:

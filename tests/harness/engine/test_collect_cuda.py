@@ -6,6 +6,7 @@ import datasets
 import pytest
 import torch
 
+from neuronbench.harness.engine import fused_cuda
 from neuronbench.harness.engine.collect import CollectConfig, collect
 from neuronbench.harness.zoo.tiny import TINY_ARCHS, tiny_model
 
@@ -24,8 +25,12 @@ def test_triton_kernel_matches_torch_reductions_and_cpu(arch):
     cpu = collect(model, ds, CollectConfig(**cfg, fused=False), progress=False)
     model.to("cuda")
     gpu = {f: collect(model, ds, CollectConfig(**cfg, fused=f), progress=False) for f in (True, False)}
+    with fused_cuda.overlapped():  # statistics on a side stream, top-k merged one batch late
+        side = collect(model, ds, CollectConfig(**cfg), progress=False)
     for site in model.sites("all"):
         a, b, c = gpu[True][site], gpu[False][site], cpu[site]
+        assert torch.equal(side[site].moments.mean, a.moments.mean) and torch.equal(side[site].topk.values, a.topk.values)
+        torch.testing.assert_close(a.labels.sums, b.labels.sums, rtol=1e-4, atol=1e-3)
         # bf16 autocast on CUDA: compare the two CUDA paths tightly, and CUDA with CPU loosely.
         assert a.moments.count == b.moments.count == c.moments.count
         torch.testing.assert_close(a.moments.mean, b.moments.mean, atol=1e-5, rtol=1e-4)

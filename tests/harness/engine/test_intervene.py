@@ -161,3 +161,66 @@ def test_evaluate_masks_removes_hooks_when_scoring_raises(tiny, sentence_data):
         evaluate_masks(model, sentence_data, masks, score)
     assert _harness_hooks(model) == []
     assert not site_module(model.model, Site.ffn(0))._forward_pre_hooks
+
+
+# ---------------------------------------------------------------- prefix reuse
+
+def _late_sets(model, k: int):
+    """Masks confined to layer 1 and later (and one unablated model): the prefix is shared."""
+    gen = torch.Generator().manual_seed(11)
+    sets = [{}]
+    for i in range(1, k):
+        site = Site.ffn(1) if i % 2 else Site.resid(1)
+        sets.append({site: torch.randperm(model.width(site), generator=gen)[:3 * i]})
+    return sets
+
+
+def _block_rows(model):
+    """Record the batch rows each block's hidden states enter with (a plain forward hook)."""
+    from neuronbench.harness.engine.arch import layer_modules
+
+    seen = {}
+
+    def make(i):
+        def hook(module, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            seen.setdefault(i, []).append(int(out.shape[0]))
+        return hook
+    blocks = layer_modules(model.model)
+    return seen, [b.register_forward_hook(make(i), with_kwargs=True) for i, b in enumerate(blocks)]
+
+
+@pytest.mark.parametrize("arch,kind", [("bert", "classifier"), ("gpt2", "causal-lm"),
+                                       ("gpt_neox", "causal-lm"), ("llama", "causal-lm")])
+def test_prefix_once_equals_copying_the_inputs_and_runs_the_prefix_once(tiny, sentence_data, arch, kind):
+    from neuronbench.harness.engine.intervene import next_token_scores
+
+    model = tiny(arch, kind)
+    masks = MaskSet.from_sets(model, _late_sets(model, 5))
+    if kind == "classifier":
+        labels = torch.tensor(sentence_data["label"])
+        score = lambda out, batch: gold_label_scores(out, batch, labels)  # noqa: E731
+    else:
+        score = next_token_scores
+    plain = evaluate_masks(model, sentence_data, masks, score, max_tokens=8192, prefix_once=False)
+    seen, handles = _block_rows(model)
+    try:
+        reused = evaluate_masks(model, sentence_data, masks, score, max_tokens=8192, prefix_once=True)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(reused, plain, rtol=0, atol=1e-5)
+    assert not torch.allclose(plain[0, :, 1], plain[4, :, 1])  # the masks did something
+    n = len(sentence_data)  # one batch: block 0 sees the examples once, block 1 on sees 5 copies
+    assert seen[0] == [n] and seen[1] == [5 * n]
+    assert _harness_hooks(model) == []
+
+
+def test_prefix_once_falls_back_where_the_head_pools_by_input_ids(tiny, sentence_data):
+    model = tiny("gpt2", "classifier")  # pools the last real token found from input_ids: B rows out
+    labels = torch.tensor(sentence_data["label"])
+    masks = MaskSet.from_sets(model, _late_sets(model, 3))
+    got = [evaluate_masks(model, sentence_data, masks, lambda out, b: gold_label_scores(out, b, labels),
+                          prefix_once=p) for p in (True, False)]
+    torch.testing.assert_close(got[0], got[1], rtol=0, atol=1e-5)
+    assert _harness_hooks(model) == []
