@@ -71,7 +71,7 @@ class Params(TaskParams):
 
 
 SPEC = TaskSpec(
-    name="ppl-trend", version=2, verb="stage_change", model="ptb-grid", data="ptb", sites="ffn",
+    name="ppl-trend", version=3, verb="stage_change", model="ptb-grid", data="ptb", sites="ffn",
     headline="ppl-trend.time_controlled", no_skill=0.0,
     params=Params(valid_tokens=20_000, seq_len=32, method_lines=500, bootstrap=1000),
     quick=(("model", "ptb-grid-tiny"), ("valid_tokens", 512), ("seq_len", 16), ("method_lines", 40),

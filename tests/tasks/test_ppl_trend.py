@@ -174,6 +174,16 @@ def test_a_user_trajectory_is_refused_for_the_leaderboard_in_one_line(tmp_path, 
     assert main([*args, "--model", QUICK.model]) == 0  # the task's own model is no refusal
 
 
+def test_the_scoring_text_does_not_depend_on_what_the_tokenizer_did_before(env):
+    from neuronbench.harness.engine.batching import encode
+    from neuronbench.tasks.ppl_trend import method_text, valid_stream
+
+    tok = env.model(trajectories(QUICK.model)[0][0].refs[0]).tokenizer
+    first = valid_stream(tok, 4000, 16, env, QUICK.split_seed)
+    encode(tok, method_text(QUICK)[0], 16, False)  # what a collection does first: truncation left on
+    assert torch.equal(valid_stream(tok, 4000, 16, env, QUICK.split_seed), first)
+
+
 def test_a_trajectory_needs_three_checkpoints():
     with pytest.raises(ValueError, match="at least 3"):
         trajectories("a/one,a/two")
