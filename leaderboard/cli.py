@@ -9,7 +9,7 @@ def _export(args) -> int:
     from .export import ExportConfig, export_submission
 
     config = ExportConfig(method=args.method, out=args.out, tasks=tuple(args.tasks or ()), quick=args.quick,
-                          seed=args.seed, authors=tuple(args.authors), contact=args.contact,
+                          seed=args.seed, model=args.model, authors=tuple(args.authors), contact=args.contact,
                           description=args.description, code_url=args.code_url, license=args.license,
                           method_version=args.method_version)
     start = time.perf_counter()
@@ -64,6 +64,7 @@ def add_submit_parser(sub) -> None:
     e.add_argument("--tasks", nargs="+", help="task names (default: every task the method's verbs cover)")
     e.add_argument("--quick", action="store_true", help="export for the quick specs (tiny models)")
     e.add_argument("--seed", type=int, default=0, help="the run seed (scoring uses the same)")
+    e.add_argument("--model", help="refused unless it is the tasks' own model: the board scores only those")
     e.add_argument("--out", required=True, help="the submission folder to create (must not exist)")
     e.add_argument("--authors", nargs="+", default=["anonymous"])
     e.add_argument("--contact", default="", help="an e-mail address or URL")

@@ -32,6 +32,9 @@ class ExportConfig:
         tasks: task names (empty = every task whose verb the method implements).
         quick: export for the `--quick` specs (tiny models).
         seed: the run seed the method sees (scoring uses the same one).
+        model: refused unless it is each selected task's own model (`--model`): the board scores a
+            submission on the tasks' own models, so one exported on other checkpoints (a user's
+            trajectory `a/step-1,a/step-2,...` on ppl-trend, a folder) could never be re-scored.
         authors, contact, description, code_url, license, method_version: manifest fields;
             `description` defaults to the method's docstring, `method_version` to a `version`
             attribute of the method or the version of the package that ships it.
@@ -42,6 +45,7 @@ class ExportConfig:
     tasks: tuple[str, ...] = ()
     quick: bool = False
     seed: int = 0
+    model: str | None = None
     authors: tuple[str, ...] = ("anonymous",)
     contact: str = ""
     description: str | None = None
@@ -85,6 +89,16 @@ def _selected(config: ExportConfig, method: Method) -> list[str]:
     return [t.spec.name for t in tasks if method.supports(t.spec.verb)]
 
 
+def _check_model(config: ExportConfig, names: list[str]) -> None:
+    """Refuse a model other than the tasks' own, in one line that says why and what to run instead."""
+    for name in names if config.model is not None else ():
+        own = resolve_spec(TASKS.get(name), RunConfig(quick=config.quick)).model
+        if config.model != own:
+            raise ValueError(f"--model {config.model!r} cannot be exported: the leaderboard scores {name} on its own "
+                             f"model {own!r} only, so it could not re-score answers about other checkpoints; "
+                             f"score those with `neuronbench run --tasks {name} --model ...`")
+
+
 def export_submission(config: ExportConfig, progress: bool = False, method: Method | None = None) -> ExportResult:
     """Run `config.method` on each selected task through a recorder and write its submission.
 
@@ -102,6 +116,7 @@ def export_submission(config: ExportConfig, progress: bool = False, method: Meth
     if Path(config.out).exists():
         raise ValueError(f"{config.out} already exists; remove it or pass another --out")
     names = _selected(config, method)
+    _check_model(config, names)
     env = RunEnv(seed=config.seed, quick=config.quick, cache=Cache(), progress=progress)
     frames, entries, records, seconds = {}, {}, [], {}
     for name in names:

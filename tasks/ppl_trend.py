@@ -22,6 +22,7 @@ own checkpoints (see `trajectories`), with perplexity text `ppl_text` (PTB valid
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, replace
@@ -29,14 +30,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from neuronbench.harness.engine import catalogue, zoo_family
+from neuronbench.harness.engine.cache import Cache
 from neuronbench.harness.engine.data import load, subsample
 from neuronbench.harness.engine.method import Method, MethodContext, Provides, call_verb, get_method
 from neuronbench.harness.engine.models import LoadedModel, load_model
 from neuronbench.harness.engine.pooled import fisher_pool, onset_scores, spearman_rows, time_controlled
 from neuronbench.harness.suite.task import RunEnv, Takes, TaskParams, TaskSpec, record, register_task
-from neuronbench.harness.zoo.train import lm_loss, token_stream
+from neuronbench.harness.zoo.train import token_stream
 
 @dataclass(frozen=True)
 class Params(TaskParams):
@@ -68,7 +71,7 @@ class Params(TaskParams):
 
 
 SPEC = TaskSpec(
-    name="ppl-trend", version=2, verb="stage_change", model="ptb-grid", data="ptb", sites="ffn",
+    name="ppl-trend", version=3, verb="stage_change", model="ptb-grid", data="ptb", sites="ffn",
     headline="ppl-trend.time_controlled", no_skill=0.0,
     params=Params(valid_tokens=20_000, seq_len=32, method_lines=500, bootstrap=1000),
     quick=(("model", "ptb-grid-tiny"), ("valid_tokens", 512), ("seq_len", 16), ("method_lines", 40),
@@ -143,14 +146,21 @@ def load_checkpoint(env: RunEnv, ref: str) -> LoadedModel:
 
 # --------------------------------------------------------------------------- measuring
 
-@torch.no_grad()
-def chunk_losses(model, valid_ids: torch.Tensor, seq_len: int, batch_size: int = 64) -> torch.Tensor:
-    """Summed next-token loss of each `seq_len` block of the validation stream: (n_blocks,)."""
+@torch.inference_mode()
+def chunk_losses(model, valid_ids: torch.Tensor, seq_len: int, batch_tokens: int = 256) -> torch.Tensor:
+    """Summed next-token loss of each `seq_len` block of the validation stream: (n_blocks,).
+
+    Small batches and the full logits (contiguous; the last position's target ignored) keep the
+    vocabulary-wide logits of a batch in cache and uncopied: most of a small LM's cost."""
     blocks = valid_ids[: len(valid_ids) // seq_len * seq_len].view(-1, seq_len)
+    step = max(1, batch_tokens // seq_len)
     out = []
-    for start in range(0, len(blocks), batch_size):
-        x = blocks[start:start + batch_size].to(model.device)
-        out.append(lm_loss(model.model, x, "none").view(x.shape[0], -1).sum(1).cpu())
+    for start in range(0, len(blocks), step):
+        x = blocks[start:start + step].to(model.device)
+        logits = model.model(input_ids=x).logits.float()  # (B, L, V)
+        target = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], 1)  # nothing after the last
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+        out.append(loss.view(x.shape[0], -1).sum(1).cpu())
     return torch.cat(out).double()
 
 
@@ -181,12 +191,29 @@ def valid_stream(tokenizer, n_tokens: int, seq_len: int, env: RunEnv, split_seed
 def _losses(spec: TaskSpec, env: RunEnv, traj: Trajectory) -> np.ndarray:
     """(checkpoints, blocks) summed loss of each scoring block under each checkpoint (memoised)."""
     def measure():
+        params = Params.of(spec)
         models = [load_checkpoint(env, r) for r in traj.refs]
-        seq_len = Params.of(spec).seq_len
-        valid = valid_stream(models[0].tokenizer, Params.of(spec).valid_tokens, seq_len, env, spec.split_seed,
-                             Params.of(spec).ppl_text)
-        return torch.stack([chunk_losses(m, valid, seq_len) for m in models]).numpy()
+        valid = valid_stream(models[0].tokenizer, params.valid_tokens, params.seq_len, env, spec.split_seed,
+                             params.ppl_text)
+        return np.stack([_cached_losses(env, m, valid, params.seq_len) for m in models])
     return env.memo(("ppl-trend:losses", spec.fingerprint(), env.split, traj.refs), measure)
+
+
+def _cached_losses(env: RunEnv, model: LoadedModel, valid: torch.Tensor, seq_len: int) -> np.ndarray:
+    """`chunk_losses`, kept in the activation cache under the checkpoint's weights and the scoring
+    tokens' content, so every method and rerun shares one pass (public split only: hidden-split
+    scores stay in memory)."""
+    if env.split != "public":
+        return chunk_losses(model, valid, seq_len).numpy()
+    parts = {"kind": "ppl-trend:losses", "model": model.fingerprint(), "seq_len": seq_len,
+             "tokens": hashlib.sha256(valid.numpy().astype(np.int64).tobytes()).hexdigest()[:24]}
+
+    def write(folder: Path) -> dict:
+        np.save(folder / "losses.npy", chunk_losses(model, valid, seq_len).numpy())
+        return {}
+
+    entry, _ = (env.cache or Cache()).get_or_put(parts, write)
+    return np.load(entry.path / "losses.npy")
 
 
 def _ask(method: Method, spec: TaskSpec, env: RunEnv, traj: Trajectory, text, text_id: str,

@@ -235,10 +235,13 @@ def run_batches(model: LoadedModel, enc: Encoded, cfg: CollectConfig, on_batch, 
                 batches: list[list[int]] | None = None) -> int:
     """Forward every batch of `enc` through the model, calling `on_batch(batch)` before each pass.
 
+    Only the base model runs: every site lies in its blocks, and a language model's head (a
+    vocabulary-wide matrix product, most of a small LM's forward) computes nothing a hook reads.
     `batches` (example indices per batch) defaults to `plan_batches` over all of `enc`.
     Returns the number of real (non-pad) tokens processed.
     """
     device = model.device
+    net = model.model.base_model
     if batches is None:
         batches = plan_batches([len(x) for x in enc.input_ids], cfg.max_tokens, cfg.max_batch)
     total = sum(len(enc.input_ids[i]) for b in batches for i in b)
@@ -249,7 +252,7 @@ def run_batches(model: LoadedModel, enc: Encoded, cfg: CollectConfig, on_batch, 
         for indices in batches:
             batch = make_batch(enc, indices, pad_id, cfg.alignment, num_labels, word_offsets, device)
             on_batch(batch)
-            model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            net(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             seen += batch.n_tokens
             bar.update(batch.n_tokens)
     return seen

@@ -251,9 +251,16 @@ def word_tokenizer(lines: list[str], max_length: int, bert: bool = False, max_wo
 
 def token_stream(tokenizer, lines: list[str]) -> torch.Tensor:
     """All lines' token ids, each line followed by <eos>, as one 1-D tensor."""
+    from tokenizers import Tokenizer
+
     eos = tokenizer.eos_token_id
-    # The backend, not `tokenizer(...)`: lines longer than model_max_length are fine in a stream.
-    rows = tokenizer.backend_tokenizer.encode_batch(lines, add_special_tokens=False)
+    # The backend, not `tokenizer(...)`: lines longer than model_max_length are fine in a stream. A
+    # copy without truncation or padding: a call with `truncation=True` (the collector's) leaves them
+    # set on the shared backend, and the stream would silently cut every line at max_length.
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    rows = backend.encode_batch(lines, add_special_tokens=False)
     return torch.tensor([t for row in rows for t in (*row.ids, eos)], dtype=torch.long)
 
 

@@ -160,6 +160,30 @@ def test_a_list_of_local_checkpoint_folders_works_as_the_model(env):
     assert not [r for r in mine if "planted" in r.metric or r.metric == "ppl-trend.time_controlled"]
 
 
+def test_a_user_trajectory_is_refused_for_the_leaderboard_in_one_line(tmp_path, capsys):
+    from neuronbench.harness.cli import main
+
+    name = trajectories(QUICK.model)[0][0].name
+    folders = [str(zoo.step_dir(zoo.entry_dir(name), s)) for s in zoo.get_spec(name).hparams.checkpoints]
+    out = tmp_path / "sub"
+    args = ["submit", "export", "--method", "random", "--tasks", "ppl-trend", "--quick", "--out", str(out)]
+    assert main([*args, "--model", ",".join(folders)]) == 2
+    said = capsys.readouterr().err.strip()
+    assert len(said.splitlines()) == 1 and "leaderboard scores ppl-trend on its own model 'ptb-grid-tiny'" in said
+    assert not out.exists()
+    assert main([*args, "--model", QUICK.model]) == 0  # the task's own model is no refusal
+
+
+def test_the_scoring_text_does_not_depend_on_what_the_tokenizer_did_before(env):
+    from neuronbench.harness.engine.batching import encode
+    from neuronbench.tasks.ppl_trend import method_text, valid_stream
+
+    tok = env.model(trajectories(QUICK.model)[0][0].refs[0]).tokenizer
+    first = valid_stream(tok, 4000, 16, env, QUICK.split_seed)
+    encode(tok, method_text(QUICK)[0], 16, False)  # what a collection does first: truncation left on
+    assert torch.equal(valid_stream(tok, 4000, 16, env, QUICK.split_seed), first)
+
+
 def test_a_trajectory_needs_three_checkpoints():
     with pytest.raises(ValueError, match="at least 3"):
         trajectories("a/one,a/two")
