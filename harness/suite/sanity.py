@@ -246,7 +246,13 @@ def _cli(args) -> int:
     failed = {t: v["failures"] for t, v in run_config["verdicts"].items() if not v["passed"]}
     for task, failures in failed.items():
         print(f"SANITY FAILED {task}: " + "; ".join(failures))
-    print("all tasks pass their sanity checks" if not failed else f"{len(failed)} task(s) failed")
+    # A reference without skill makes its reinit and permuted checks vacuous: say so, never a bare pass.
+    vacuous = [t for t, v in run_config["verdicts"].items() if v["reference_skill"] == "no skill"]
+    for task in vacuous:
+        print(f"{task}: inconclusive: the reference shows no skill on the headline, so its reinit and permuted "
+              "checks cannot show a drop; rerun with --reference METHOD (one with skill on this task)")
+    verdict = "all tasks pass their sanity checks" if not failed else f"{len(failed)} task(s) failed"
+    print(verdict + (f" ({len(vacuous)} inconclusive: {', '.join(vacuous)})" if vacuous else ""))
     return 1 if failed else 0
 
 

@@ -140,6 +140,17 @@ def test_sanity_command_passes_for_an_honest_method(verdicts, tmp_path, capsys):
     assert (verdicts / f"descriptors-{spec.fingerprint()}.json").is_file()
 
 
+def test_sanity_command_calls_a_reference_without_skill_inconclusive(verdicts, capsys):
+    """A reference with no skill cannot lose it: the command says so instead of a bare pass."""
+    from neuronbench.harness.cli import main
+
+    code = main(["sanity", "--tasks", "descriptors", "--quick", "--reference", "random"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "descriptors: inconclusive: the reference shows no skill" in out
+    assert "(1 inconclusive: descriptors)" in out
+
+
 def _row(method: str, metric: str, value: float, low: float, high: float, k: float | None = None) -> dict:
     return {"method": method, "metric": metric, "k": k, "value": value, "ci_low": low, "ci_high": high}
 
