@@ -39,7 +39,8 @@ def _grid(n: int, width: float = 3.4, height: float = 2.6, sharey: bool = False)
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.tight_layout()
+    if not fig.get_constrained_layout():
+        fig.tight_layout()
     fig.savefig(buf, format="png", dpi=80)
     _pyplot().close(fig)
     return buf.getvalue()
@@ -250,10 +251,11 @@ def training_plot(runs: list[TrainingCurves]) -> bytes | None:
     if not runs:
         return None
     width = max(len(r.panels) for r in runs)
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(runs), width, figsize=(3.6 * width, 2.5 * len(runs)), squeeze=False)
-    for row, run in zip(axes, runs):
-        for ax, (name, label) in zip(row, run.panels):
+    fig = _pyplot().figure(figsize=(3.6 * width, 2.7 * len(runs)), layout="constrained")
+    for sub, run in zip(fig.subfigures(len(runs), 1, squeeze=False)[:, 0], runs):
+        sub.suptitle(run.title, fontsize=9, x=0.01, ha="left")
+        axes = sub.subplots(1, width, squeeze=False)[0]
+        for ax, (name, label) in zip(axes, run.panels):
             steps, values = run.curves.get("step", []), run.curves.get(name, [])
             ax.plot(steps, values, lw=0.5, color="0.7", label="each step")
             ax.plot(steps, _running_mean(values, 25), lw=1.2, color=COLORS[0], label="running mean (25)")
@@ -267,9 +269,8 @@ def training_plot(runs: list[TrainingCurves]) -> bytes | None:
                 ax.set_yscale("symlog", linthresh=0.01)
             _axes(ax, label, "step", "", False)
             ax.legend(fontsize=6)
-        for ax in row[len(run.panels):]:
+        for ax in axes[len(run.panels):]:
             ax.set_visible(False)
-        row[0].set_title(f"{run.title}\n{run.panels[0][1]}", fontsize=8, loc="left")
     return _png(fig)
 
 
