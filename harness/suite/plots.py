@@ -267,6 +267,7 @@ def training_plot(runs: list[TrainingCurves]) -> bytes | None:
                 ax.axvline(run.marked_step, color=COLORS[2], lw=0.9, label="kept")
             if name in run.log_panels:
                 ax.set_yscale("symlog", linthresh=0.01)
+                ax.set_ylim(bottom=0)
             _axes(ax, label, "step", "", False)
             ax.legend(fontsize=6)
         for ax in axes[len(run.panels):]:
