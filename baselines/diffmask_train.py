@@ -36,7 +36,7 @@ class DiffMaskConfig:
             0.107 and 0.115 excepted); the keep probability plateaus by step 100-150 at layers
             1-3 but was still moving at layer 0 (0.80 at step 125, 0.53 at 250, 0.66 at 300).
             300 steps and 12 dev checks took 10-13 min a layer on 2 CPU cores shared with other
-            jobs (load 13-17), built once and cached.
+            jobs (load 13-17; 4 min for the top layer at load 5-10), built once and cached.
         max_steps: training goes on past `steps`, a dev check at a time, until a dev check meets
             the budget, `max_steps` at most (the authors' fixed 300 epochs need no such rule).
         batch: examples per step (authors: 64; 32 here halves a step's cost on 2 CPU cores, and the
@@ -51,7 +51,7 @@ class DiffMaskConfig:
             unseen examples sits above it; at eps_train = eps every dev check of the tiny test
             model after convergence read 0.107-0.125, and only a transient checkpoint from before
             convergence passed (the authors' 8x looser dev rule hides this gap). On
-            minilm-polarity at eps_train = 0.05 the dev checks after step 50 read 0.035-0.115
+            minilm-polarity at eps_train = 0.05 the dev checks after step 50 read 0.032-0.115
             while the train KL's running mean stayed near 0.05.
         lr_gate: the gate network's learning rate (authors: 3e-4).
         warmup: linear warm-up steps of `lr_gate` (authors: 1200 steps of one run that draws one of
