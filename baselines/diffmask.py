@@ -128,17 +128,20 @@ class DiffMask(Method):
         training split (a seeded `dev_fraction` of it held out as the dev split), and cached; then
         it predicts gates for `ctx.data`, which it never trained on. A position's score is its
         expected keep probability (expected L0). The artifact (checkpoint, training curves as JSON
-        and PNG, dev KL and L0 of the selected step) sits in the cache folder, `kind` =
+        (drawn in the report), dev KL and L0 of the selected step) sits in the cache folder, `kind` =
         `diffmask-position-gate`. Without `ctx.train` it trains on `ctx.data` instead (the
         per-example search the paper replaces; logged).
     relevance (neuron mode, NeuronBench's extension, not in the paper): one input-independent
-        gate per neuron of `ctx.sites`, all sites gated together, trained on `ctx.data` with the
-        same discipline (optimiser, dev check, selection; a dev split held out of `ctx.data`). A
-        neuron's score is P(gate open) = expected L0. Its baseline is the neuron's mean on `ctx.data`.
-    Training: minimise alpha * (KL(original || masked) - eps) + expected L0, the multiplier alpha
-    ascended by RMSprop inside Lookahead (lr 0.3, clamped to [0, 200]); the gates by centred RMSprop
-    inside Lookahead (lr 3e-4 with a linear warm-up); every `eval_every` steps the dev KL and L0 are
-    measured and the sparsest checkpoint whose dev KL <= eps is kept. The model is frozen, in eval
+        gate per neuron of `ctx.sites`, all sites gated together, trained on `ctx.data` by the same
+        `fit_gates` (optimiser, warm-up, multiplier, train constraint, dev check, selection; a dev
+        split held out of `ctx.data`), at its own learning rate `lr_neuron_gates`; not cached (it
+        answers about the data it is given). A neuron's score is P(gate open) = expected L0. Its
+        baseline is the neuron's mean on `ctx.data`.
+    Training: minimise alpha * (KL(original || masked) - eps_train) + expected L0, the multiplier
+    alpha ascended by RMSprop inside Lookahead (lr 0.3, clamped to [0, 200]); the gates by centred
+    RMSprop inside Lookahead (lr 3e-4 with a linear warm-up); every `eval_every` steps the dev KL
+    and L0 are measured and the sparsest checkpoint whose dev KL <= eps is kept; past `steps`,
+    training goes on until a dev check meets eps (`max_steps` at most). The model is frozen, in eval
     mode. A `base` model has no output distribution to preserve: NoObjectiveError (not applicable).
 
     Departures from the authors' code (nicola-decao/diffmask), with reasons:
@@ -155,7 +158,12 @@ class DiffMask(Method):
       epochs of SST at batch 64;
     - batches are length-sorted groups (at most `batch` examples and `max_tokens` tokens) drawn in
       a seeded order each epoch, not freshly shuffled examples;
-    - the dev check is KL <= eps (0.1); the code accepts dev KL <= 0.8 with >= 75% agreement;
+    - the dev check is KL <= eps (0.1); the code accepts dev KL <= 0.8 with >= 75% agreement.
+      So that it can hold, the multiplier enforces eps_train = eps / 2 on the training batches
+      (the code: eps itself): a Lagrangian holds the train batches' mean KL at its constraint and
+      the gates' KL on unseen examples sits above it (see `DiffMaskConfig.eps_train`);
+    - past `steps`, training goes on until a dev check meets eps (`max_steps` at most), where the
+      code trains a fixed 300 epochs;
     - the gate reads only the gated layer (the code's hidden mode), with `resid.l` = the output of
       block l (the code's hidden_states[l + 2]); there is no input-embedding mode.
 
@@ -212,7 +220,7 @@ class DiffMask(Method):
         train_id = train_id or data_fingerprint(train)
         sites = ctx.sites if site in ctx.sites else (site,)
         cfg_means = CollectConfig(sites=sites, stats=("moments",))
-        parts = {"kind": "diffmask-position-gate", "model": ctx.model.fingerprint(), "model_name": ctx.model.name,
+        parts = {"kind": "diffmask-position-gate", "method": self.name, "model": ctx.model.fingerprint(), "model_name": ctx.model.name,
                  "layer": layer, "train": train_id, "config": asdict(self.cfg), "seed": ctx.seed}
 
         def baseline() -> torch.Tensor:
@@ -230,7 +238,7 @@ class DiffMask(Method):
             return fit_gates(ctx.model, train_b, dev_b, gate, self.cfg, ctx.seed, self.cfg.lr_gate)
 
         gate, self.history, self.summary = cached_gate(ctx.cache or Cache(), parts, build, train_gate,
-                                                       f"{ctx.model.name} resid.{layer}", self.cfg.eps)
+                                                       f"{ctx.model.name} resid.{layer}", self.cfg)
         return gate
 
     def _keep_probabilities(self, ctx: MethodContext, gate: PositionGate) -> list[torch.Tensor]:
@@ -249,14 +257,26 @@ class DiffMask(Method):
         return out
 
 
+def curves_description(title: str, summary: dict, cfg: DiffMaskConfig) -> dict:
+    """How the report draws a gate's `curves.json` (see `report.trained_artifacts`)."""
+    verdict = "met" if summary["met"] else "NOT met"
+    return {"name": title, "title": f"{title}: kept step {summary['selected_step']}, dev KL {summary['dev_kl']:.3f} "
+                     f"(budget {cfg.eps}, {verdict}), dev keep {summary['dev_l0']:.3f}, {summary['seconds']:.0f} s",
+            "panels": [["kl", "KL(original || masked)"], ["l0", "expected L0 (keep probability)"],
+                       ["lagrange", "Lagrange multiplier"]],
+            "lines": {"kl": [[cfg.eps, "dev budget eps"], [cfg.eps_train, "train constraint"]]},
+            "marked_step": summary["selected_step"], "log_panels": ["kl"]}
+
+
 def cached_gate(cache: Cache, parts: dict, build: Callable[[], nn.Module], train: Callable[[nn.Module], Fit],
-                title: str, eps: float):
+                title: str, cfg: DiffMaskConfig):
     """(gate, curves, summary): the gate for `parts` from `cache`, trained and stored on a miss."""
     gate = build()
 
     def write(folder) -> dict:
         fit = train(gate)
-        return {"summary": save_fit(fit, folder, title, eps)}
+        summary = save_fit(fit, folder)
+        return {"summary": summary, "curves": curves_description(title, summary, cfg)}
 
     entry, hit = cache.get_or_put(parts, write)
     gate.load_state_dict(torch.load(entry.path / "gate.pt", map_location=next(gate.parameters()).device))

@@ -31,12 +31,28 @@ class DiffMaskConfig:
     Attributes:
         steps: optimisation steps per gated layer (position mode) or per call (neuron mode).
             NeuronBench's budget for 2 CPU cores; the authors train 300 epochs of SST (thousands
-            of steps per layer). Sized so MiniLM's 5 layers build in minutes, not hours.
+            of steps per layer). On minilm-polarity every layer's train KL settles at eps_train
+            by step 75-100 and its dev checks meet eps from then on (two single checks at
+            0.107 and 0.115 excepted); the keep probability plateaus by step 100-150 at layers
+            1-3 but was still moving at layer 0 (0.80 at step 125, 0.53 at 250, 0.66 at 300).
+            300 steps and 12 dev checks took 10-13 min a layer on 2 CPU cores shared with other
+            jobs (load 13-17; 4 min for the top layer at load 5-10), built once and cached.
+        max_steps: training goes on past `steps`, a dev check at a time, until a dev check meets
+            the budget, `max_steps` at most (the authors' fixed 300 epochs need no such rule).
         batch: examples per step (authors: 64; 32 here halves a step's cost on 2 CPU cores, and the
             step count, not the batch, limits what the gates learn in this budget).
         max_tokens: padded tokens per step at most (a step may hold fewer than `batch` examples).
-        eps: the KL budget, on the train loss and on the dev check (authors: 0.1 on train; their
-            dev check accepts 0.8 with 75% prediction agreement, a looser rule than this one).
+        eps: the KL budget the gates promise on examples they never trained on: the sparsest
+            checkpoint whose mean dev KL(original || masked) <= eps is kept (authors: 0.1, their
+            training constraint; their dev check accepts 0.8 with 75% prediction agreement).
+        eps_train: the constraint the multiplier enforces on the training batches' mean KL
+            (authors: eps itself). Half of eps here, so that the dev check can hold: a Lagrangian
+            holds the *train* batches' mean KL at its constraint, and an amortized gate's KL on
+            unseen examples sits above it; at eps_train = eps every dev check of the tiny test
+            model after convergence read 0.107-0.125, and only a transient checkpoint from before
+            convergence passed (the authors' 8x looser dev rule hides this gap). On
+            minilm-polarity at eps_train = 0.05 the dev checks after step 50 read 0.032-0.115
+            while the train KL's running mean stayed near 0.05.
         lr_gate: the gate network's learning rate (authors: 3e-4).
         warmup: linear warm-up steps of `lr_gate` (authors: 1200 steps of one run that draws one of
             num_layers + 2 gated layers per step, about 150 per layer for MiniLM's 8, a few % of
@@ -57,9 +73,11 @@ class DiffMaskConfig:
     """
 
     steps: int = 300
+    max_steps: int = 600
     batch: int = 32
     max_tokens: int = 4096
     eps: float = 0.1
+    eps_train: float = 0.05
     lr_gate: float = 3e-4
     warmup: int = 100
     lr_neuron_gates: float = 0.1
@@ -74,11 +92,16 @@ class DiffMaskConfig:
     init_log_alpha: float = 5.0
 
     def __post_init__(self) -> None:
+        if self.max_steps < self.steps:
+            raise ValueError(f"diffmask max_steps={self.max_steps} must be >= steps={self.steps}")
         if self.steps < 1 or self.eval_every < 1 or self.batch < 1:
             raise ValueError(f"diffmask needs steps, eval_every and batch >= 1, got steps={self.steps}, "
                              f"eval_every={self.eval_every}, batch={self.batch}")
         if not 0 < self.dev_fraction < 1:
             raise ValueError(f"diffmask dev_fraction={self.dev_fraction!r} must lie in (0, 1), e.g. 0.1")
+        if not 0 < self.eps_train <= self.eps:
+            raise ValueError(f"diffmask eps_train={self.eps_train!r} must lie in (0, eps={self.eps!r}]: the "
+                             "training constraint holds the gates below the budget checked on the dev split")
 
 
 class Lookahead:
@@ -225,9 +248,10 @@ def _optimiser(gates: nn.Module, cfg: DiffMaskConfig, lr: float):
 
 def fit_gates(loaded: LoadedModel, train_b: list, dev_b: list, gates: nn.Module, cfg: DiffMaskConfig,
               seed: int, lr: float) -> Fit:
-    """Minimise alpha * (KL(original || masked) - eps) + expected L0 over the gates on `train`
-    (model frozen, in eval mode), check the budget on `dev` every `cfg.eval_every` steps, and keep
-    the sparsest checkpoint whose dev KL is within eps.
+    """Minimise alpha * (KL(original || masked) - eps_train) + expected L0 over the gates on
+    `train` (model frozen, in eval mode), check the budget eps on `dev` every `cfg.eval_every`
+    steps, and keep the sparsest checkpoint whose dev KL is within eps. Training runs `cfg.steps`
+    steps, then on (up to `cfg.max_steps`) until a dev check meets the budget.
 
     Args:
         train_b, dev_b: `batches_with_logits` of the training and the dev split.
@@ -244,31 +268,41 @@ def fit_gates(loaded: LoadedModel, train_b: list, dev_b: list, gates: nn.Module,
     order: list[int] = []
     loaded.model.eval()  # the authors' explainer runs the model in eval mode (no dropout)
     with frozen(loaded.model), torch.inference_mode(False), torch.enable_grad():
-        for step in range(1, cfg.steps + 1):
+        for step in range(1, cfg.max_steps + 1):
             if not order:
                 order = torch.randperm(len(train_b), generator=order_gen).tolist()
-            kl, l0 = _step(loaded, gates, train_b[order.pop()], sample_gen, (opt, schedule, lagrange), cfg.eps)
+            kl, l0 = _step(loaded, gates, train_b[order.pop()], sample_gen, (opt, schedule, lagrange), cfg.eps_train)
             for key, value in (("step", step), ("kl", kl), ("l0", l0), ("lagrange", float(lagrange.value.detach()))):
                 curves[key].append(value)
-            if step % cfg.eval_every and step != cfg.steps:
+            if step % cfg.eval_every and step not in (cfg.steps, cfg.max_steps):
                 continue
-            dev_kl, dev_l0 = evaluate(loaded, gates, dev_b, seed + 2)
-            curves["dev_step"].append(step)
-            curves["dev_kl"].append(dev_kl)
-            curves["dev_l0"].append(dev_l0)
+            dev_kl, dev_l0 = _dev_check(loaded, gates, dev_b, seed + 2, curves, step)
             # Met checkpoints rank by L0; unmet ones only by KL, below every met one.
             rank = (0, dev_l0) if dev_kl <= cfg.eps else (1, dev_kl)
             if best is None or rank < best[0]:
                 best = (rank, copy.deepcopy(gates.state_dict()), step)
+            if step >= cfg.steps and dev_kl <= cfg.eps:
+                break
+    return _finish(best, curves, cfg, (train_b, dev_b), time.perf_counter() - start)
+
+
+def _dev_check(loaded: LoadedModel, gates: nn.Module, dev_b: list, seed: int, curves: dict, step: int):
+    dev_kl, dev_l0 = evaluate(loaded, gates, dev_b, seed)
+    for key, value in (("dev_step", step), ("dev_kl", dev_kl), ("dev_l0", dev_l0)):
+        curves[key].append(value)
+    return dev_kl, dev_l0
+
+
+def _finish(best: tuple, curves: dict, cfg: DiffMaskConfig, splits: tuple[list, list], seconds: float) -> Fit:
     met = best[0][0] == 0
     if not met:
         log.warning("diffmask: no dev check met the KL budget eps=%s in %d steps; keeping the checkpoint "
-                    "with the lowest dev KL (%.3f)", cfg.eps, cfg.steps, best[0][1])
+                    "with the lowest dev KL (%.3f)", cfg.eps, len(curves["step"]), best[0][1])
     at = curves["dev_step"].index(best[2])
     summary = {"dev_kl": curves["dev_kl"][at], "dev_l0": curves["dev_l0"][at], "selected_step": best[2],
-               "met": met, "n_train": sum(len(b.indices) for b, _ in train_b),
-               "n_dev": sum(len(b.indices) for b, _ in dev_b)}
-    return Fit(best[1], curves, best[2], met, time.perf_counter() - start, summary)
+               "met": met, "steps": len(curves["step"]), "n_train": sum(len(b.indices) for b, _ in splits[0]),
+               "n_dev": sum(len(b.indices) for b, _ in splits[1])}
+    return Fit(best[1], curves, best[2], met, seconds, summary)
 
 
 def split_train_dev(data, cfg: DiffMaskConfig, seed: int):
@@ -281,43 +315,8 @@ def split_train_dev(data, cfg: DiffMaskConfig, seed: int):
     return data.select(sorted(perm[n_dev:])), data.select(sorted(perm[:n_dev]))
 
 
-def save_fit(fit: Fit, folder: Path, title: str, eps: float) -> dict:
-    """Write the checkpoint, the curves (JSON) and their plot into `folder`; returns the summary."""
+def save_fit(fit: Fit, folder: Path) -> dict:
+    """Write the checkpoint and the curves (JSON, drawn by the report) into `folder`; returns the summary."""
     torch.save(fit.state, folder / "gate.pt")
     (folder / "curves.json").write_text(json.dumps(fit.curves))
-    png = curves_plot(fit.curves, title, eps)
-    if png is not None:
-        (folder / "curves.png").write_bytes(png)
     return {**fit.summary, "seconds": round(fit.seconds, 1)}
-
-
-def curves_plot(curves: dict[str, list[float]], title: str, eps: float | None) -> bytes | None:
-    """Train KL, L0 and multiplier per step, with the dev checks, as a PNG (None without matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    import io
-
-    fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
-    for ax, key, dev_key, label in ((axes[0], "kl", "dev_kl", "KL(orig || masked)"),
-                                    (axes[1], "l0", "dev_l0", "expected L0 (keep)"),
-                                    (axes[2], "lagrange", None, "multiplier")):
-        ax.plot(curves["step"], curves[key], lw=0.6, color="0.6", label="train batch")
-        if dev_key:
-            ax.plot(curves["dev_step"], curves[dev_key], "o-", ms=3, color="C0", label="dev")
-        ax.set_xlabel("step")
-        ax.set_title(label, fontsize=9)
-    if eps is not None:
-        axes[0].axhline(eps, color="C3", ls="--", lw=0.8, label="eps")
-        axes[0].set_yscale("symlog", linthresh=max(eps / 10, 1e-3))
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
-

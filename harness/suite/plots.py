@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import polars as pl
@@ -38,7 +39,8 @@ def _grid(n: int, width: float = 3.4, height: float = 2.6, sharey: bool = False)
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.tight_layout()
+    if not fig.get_constrained_layout():
+        fig.tight_layout()
     fig.savefig(buf, format="png", dpi=80)
     _pyplot().close(fig)
     return buf.getvalue()
@@ -211,6 +213,66 @@ def _bars(ax, frame: pl.DataFrame, prefix: str, chance_prefix: str, shift: float
         if c is not None:
             ax.hlines(c, x - width / 2, x + width / 2, color="black", lw=1.5)
     ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+
+
+@dataclass(frozen=True)
+class TrainingCurves:
+    """One training run's curves for `training_plot`.
+
+    Attributes:
+        title: the row's title (what was trained and how it ended).
+        curves: per-step series keyed by name, x in `step`; a `dev_<name>` series (x in
+            `dev_step`) is drawn as points on `<name>`'s panel.
+        panels: (series name, panel title) in order, one panel each.
+        lines: series name -> (y, label) horizontal reference lines (e.g. a budget).
+        marked_step: a step drawn as a vertical line on every panel (e.g. the kept checkpoint).
+        log_panels: series names drawn on a symmetric-log y axis.
+    """
+
+    title: str
+    curves: dict[str, list[float]]
+    panels: tuple[tuple[str, str], ...]
+    lines: dict[str, tuple[tuple[float, str], ...]] = field(default_factory=dict)
+    marked_step: int | None = None
+    log_panels: tuple[str, ...] = ()
+
+
+def _running_mean(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def training_plot(runs: list[TrainingCurves]) -> bytes | None:
+    """One row per run, one panel per series: each step's value (grey), its running mean over 25
+    steps, the dev checks (points), the reference lines and the marked step; None without runs."""
+    if not runs:
+        return None
+    width = max(len(r.panels) for r in runs)
+    fig = _pyplot().figure(figsize=(3.6 * width, 2.7 * len(runs)), layout="constrained")
+    for sub, run in zip(fig.subfigures(len(runs), 1, squeeze=False)[:, 0], runs):
+        sub.suptitle(run.title, fontsize=9, x=0.01, ha="left")
+        axes = sub.subplots(1, width, squeeze=False)[0]
+        for ax, (name, label) in zip(axes, run.panels):
+            steps, values = run.curves.get("step", []), run.curves.get(name, [])
+            ax.plot(steps, values, lw=0.5, color="0.7", label="each step")
+            ax.plot(steps, _running_mean(values, 25), lw=1.2, color=COLORS[0], label="running mean (25)")
+            if run.curves.get(f"dev_{name}"):
+                ax.plot(run.curves["dev_step"], run.curves[f"dev_{name}"], "o", ms=3, color=COLORS[1], label="dev")
+            for i, (y, text) in enumerate(run.lines.get(name, ())):
+                ax.axhline(y, color="black", ls=(":", "--")[i % 2], lw=0.9, label=text)
+            if run.marked_step is not None:
+                ax.axvline(run.marked_step, color=COLORS[2], lw=0.9, label="kept")
+            if name in run.log_panels:
+                ax.set_yscale("symlog", linthresh=0.01)
+                ax.set_ylim(bottom=0)
+            _axes(ax, label, "step", "", False)
+            ax.legend(fontsize=6)
+        for ax in axes[len(run.panels):]:
+            ax.set_visible(False)
+    return _png(fig)
 
 
 PLOTTERS: dict[str, Callable[[pl.DataFrame], bytes | None]] = {

@@ -5,6 +5,7 @@ The headline cells and the methods table built here are shared with the leaderbo
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from html import escape
 from pathlib import Path
@@ -13,9 +14,10 @@ from typing import Callable
 import polars as pl
 
 from ..engine import paths
+from ..engine.cache import Cache
 from ..engine.records import CONFIG, RESULTS, load_results
 from . import html
-from .plots import task_plot
+from .plots import TrainingCurves, task_plot, training_plot
 from .verdicts import sanity_flags
 
 log = logging.getLogger(__name__)
@@ -156,8 +158,60 @@ def task_figures(frame: pl.DataFrame) -> list[tuple[str, bytes]]:
     return out
 
 
-def build_report(frame: pl.DataFrame, config: dict) -> tuple[str, dict[str, bytes]]:
-    """The report page and its figures (task -> PNG) for one run's records and config."""
+def trained_artifacts(frame: pl.DataFrame, config: dict, cache: Cache | None = None) -> dict[str, list[TrainingCurves]]:
+    """The training curves of the cached artifacts this run's methods trained, by "method on model".
+
+    An artifact shows when its cache entry holds `curves.json` and its `meta.json` a `curves`
+    description (`name`, `title`, `panels`, `lines`, `marked_step`, `log_panels`; see
+    `plots.TrainingCurves`), its `parts` name a method and a model of this run, and it was
+    written by the run's harness version; of several entries with the same name (an artifact
+    rebuilt under another config), the newest.
+    """
+    cache = cache or Cache()
+    models, methods = set(frame["model"].unique()), set(frame["method"].unique())
+    version = config.get("harness_version")
+    newest: dict[tuple, tuple[tuple, TrainingCurves, str]] = {}
+    for entry in cache.entries():
+        meta, parts = entry.meta, entry.meta.get("parts", {})
+        about = meta.get("curves")
+        if (not isinstance(about, dict) or parts.get("model_name") not in models
+                or parts.get("method") not in methods or (version and meta.get("harness_version") != version)
+                or not (entry.path / "curves.json").is_file()):
+            continue
+        run = TrainingCurves(about["title"], json.loads((entry.path / "curves.json").read_text()),
+                             tuple(tuple(p) for p in about["panels"]),
+                             {k: tuple(tuple(line) for line in v) for k, v in about.get("lines", {}).items()},
+                             about.get("marked_step"), tuple(about.get("log_panels", ())))
+        group = f"{parts['method']} on {parts['model_name']}"
+        key = (group, about.get("name", about["title"]))
+        written = (meta.get("created", ""), (entry.path / "meta.json").stat().st_mtime_ns)  # seconds tie
+        if key not in newest or written > newest[key][0]:
+            newest[key] = (written, run, group)
+    out: dict[str, list[TrainingCurves]] = {}
+    for key in sorted(newest):
+        out.setdefault(newest[key][2], []).append(newest[key][1])
+    return out
+
+
+def _training_section(artifacts: dict[str, list[TrainingCurves]]) -> tuple[list[str], dict[str, bytes]]:
+    """The page's training-curves section and its figures (name -> PNG)."""
+    if not artifacts:
+        return [], {}
+    body = ['<h2 id="training">Training curves</h2>',
+            "<p>What the methods trained before answering (cached artifacts, built once): each step's "
+            "batch value, its running mean, the dev checks and the budget, with the kept checkpoint marked, "
+            "so a reader can see whether training converged.</p>"]
+    figures = {}
+    for group, runs in artifacts.items():
+        name = "training-" + "".join(c if c.isalnum() or c in "-." else "-" for c in group)
+        figures[name] = training_plot(runs)
+        body += [f"<h3>{escape(group)}</h3>", html.png_figure(figures[name], f"{group} training curves")]
+    return body, figures
+
+
+def build_report(frame: pl.DataFrame, config: dict, cache: Cache | None = None) -> tuple[str, dict[str, bytes]]:
+    """The report page and its figures (task or training-curves name -> PNG) for one run's records
+    and config; the training curves are read from `cache` (default: NEURONBENCH_HOME's)."""
     if frame.is_empty():
         raise ValueError("the results hold no records: re-run `neuronbench run --out DIR` and report DIR")
     headlines = {t: h for t in sorted(frame["task"].unique()) if (h := headline_of(t, config))}
@@ -175,7 +229,8 @@ def build_report(frame: pl.DataFrame, config: dict) -> tuple[str, dict[str, byte
             body.append(f"<p>{escape(specs[task]['description'])}</p>")
         if task in figures:
             body.append(html.png_figure(figures[task], f"{task} plot"))
-    return html.page("NeuronBench report", "\n".join(body)), figures
+    training, curves = _training_section(trained_artifacts(frame, config, cache))
+    return html.page("NeuronBench report", "\n".join(body + training)), {**figures, **curves}
 
 
 def _run_facts(frame: pl.DataFrame, config: dict) -> str:

@@ -64,6 +64,51 @@ def test_tasks_absent_from_the_results_are_left_out(tmp_path):
     assert page.count("data:image/png;base64,") == 1
 
 
+def _artifact(cache, method: str, model: str, title: str, l0: list[float], version: str | None = None):
+    """A cached artifact with training curves, as a method writes one (see baselines/diffmask.py)."""
+    steps = list(range(1, len(l0) + 1))
+
+    def write(folder):
+        (folder / "curves.json").write_text(json.dumps({"step": steps, "kl": [0.05] * len(l0), "l0": l0,
+                                                        "dev_step": steps[-1:], "dev_l0": l0[-1:]}))
+        return {"curves": {"name": title, "title": f"{title}: {l0[-1]}", "panels": [["kl", "KL"], ["l0", "keep"]],
+                           "lines": {"kl": [[0.1, "budget"]]}, "marked_step": steps[-1]}}
+
+    entry = cache.put(cache.key({"method": method, "model_name": model, "title": title, "l0": l0}), write,
+                      {"method": method, "model_name": model})
+    if version:  # an entry an older harness wrote
+        meta = json.loads((entry.path / "meta.json").read_text())
+        (entry.path / "meta.json").write_text(json.dumps({**meta, "harness_version": version}))
+    return entry
+
+
+def test_training_curves_of_the_runs_methods_and_models_are_drawn(tmp_path):
+    from neuronbench.harness import __version__
+    from neuronbench.harness.engine.cache import Cache
+
+    cache = Cache(tmp_path / "cache")
+    _artifact(cache, "alpha", "tiny", "layer 0", [1.0, 0.8, 0.6])
+    newest = _artifact(cache, "alpha", "tiny", "layer 1", [1.0, 0.9])
+    _artifact(cache, "alpha", "tiny", "layer 2", [1.0, 0.5], version="0.0.1")  # another harness version
+    _artifact(cache, "alpha", "other-model", "layer 0", [1.0, 0.7])
+    _artifact(cache, "zeta", "tiny", "layer 0", [1.0, 0.7])  # a method not in the run
+    meta = json.loads((newest.path / "meta.json").read_text())
+    older = _artifact(cache, "alpha", "tiny", "layer 1", [1.0, 0.95, 0.9, 0.7])
+    (older.path / "meta.json").write_text(json.dumps({**json.loads((older.path / "meta.json").read_text()),
+                                                      "created": "2000-01-01T00:00:00"}))
+    frame = to_frame(synthetic_records(tasks=("erasure",), methods=("alpha", "beta"), n_a=()), "r")
+    runs = report.trained_artifacts(frame, {"harness_version": __version__}, cache)
+    assert list(runs) == ["alpha on tiny"]
+    assert [r.title for r in runs["alpha on tiny"]] == ["layer 0: 0.6", "layer 1: 0.9"]
+    assert runs["alpha on tiny"][1].curves["l0"] == [1.0, 0.9] and meta["created"] > "2000"  # the newest
+    assert runs["alpha on tiny"][0].lines == {"kl": ((0.1, "budget"),)} and runs["alpha on tiny"][0].marked_step == 3
+    page, figures = report.build_report(frame, {"harness_version": __version__}, cache)
+    assert list(figures) == ["erasure", "training-alpha-on-tiny"] and figures["training-alpha-on-tiny"][:4] == b"\x89PNG"
+    assert 'id="training"' in page and page.count("data:image/png;base64,") == 2
+    page, figures = report.build_report(frame, {"harness_version": __version__}, Cache(tmp_path / "empty"))
+    assert list(figures) == ["erasure"] and 'id="training"' not in page
+
+
 def test_headline_cells_prefer_the_headline_and_mark_not_applicable():
     records = synthetic_records(tasks=("prune",), methods=("alpha",), n_a=("nope",))
     cells = report.headline_cells(to_frame(records, "r"), {"prune": "prune.gap_auc"})
