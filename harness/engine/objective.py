@@ -125,7 +125,8 @@ def objective(loaded: LoadedModel, batch_outputs, batch: Batch, target: "Target 
     logits = batch_outputs.logits.float()
     k = _copies(logits.shape[0], batch)
     if name != "next-token-mean" and target.ids is None:
-        raise ValueError(f"objective {name!r} needs target ids: a classifier's data needs a 'label' column")
+        raise ValueError(f"objective {name!r} needs target ids (gold labels: the data needs a 'label' column; "
+                         "predicted tokens: as `gradient_batches` yields them)")
     if name == "gold-label":
         return gold_log_prob(logits, target.ids.repeat(k))
     if name == "predicted-next-token":
