@@ -1,4 +1,4 @@
-"""`gradxact`: gradient x activation of the task objective (gold-label log-probability, or LM likelihood)."""
+"""`gradxact`: gradient x activation of the task's objective (`harness.engine.objective`)."""
 from __future__ import annotations
 
 import torch
@@ -7,15 +7,16 @@ from neuronbench.harness.engine.batching import Batch
 from neuronbench.harness.engine.hooks import site_hooks
 from neuronbench.harness.engine.method import Method, MethodContext, Needs, NeuronScores, register_method
 from neuronbench.harness.engine.models import LoadedModel
-from neuronbench.harness.engine.objective import neuron_relevance, objective, position_scores, run
+from neuronbench.harness.engine.objective import Target, neuron_relevance, objective, position_scores, run
 from neuronbench.harness.engine.sites import Site
 
 
-def site_gradients(loaded: LoadedModel, batch: Batch, labels: torch.Tensor | None,
+def site_gradients(loaded: LoadedModel, batch: Batch, target: Target | torch.Tensor | None,
                    sites: tuple[Site, ...]) -> dict[Site, tuple[torch.Tensor, torch.Tensor]]:
     """One forward and backward pass: per site, (activations, d objective / d activations), (B, T, N).
 
-    The objective is summed over examples, which is exact: examples do not interact.
+    `target` is the batch's `Target` (from `gradient_batches`). The objective is summed over
+    examples, which is exact: examples do not interact.
     """
     captured: dict[Site, torch.Tensor] = {}
 
@@ -33,16 +34,16 @@ def site_gradients(loaded: LoadedModel, batch: Batch, labels: torch.Tensor | Non
         return fn
 
     with site_hooks(loaded.model, {s: make(s) for s in sites}):
-        obj_B = objective(loaded, run(loaded, batch), batch, labels)
+        obj_B = objective(loaded, run(loaded, batch), batch, target)
     grads = torch.autograd.grad(obj_B.sum(), [captured[s] for s in sites], allow_unused=True)
     return {s: (captured[s].detach(), torch.zeros_like(captured[s]) if g is None else g)
             for s, g in zip(sites, grads)}
 
 
 def grad_x_act(loaded: LoadedModel):
-    """The attribution function `(batch, labels, sites) -> {site: grad * act (B, T, N)}`."""
-    def attribute(batch: Batch, labels, sites):
-        return {s: g * a for s, (a, g) in site_gradients(loaded, batch, labels, sites).items()}
+    """The attribution function `(batch, target, sites) -> {site: grad * act (B, T, N)}`."""
+    def attribute(batch: Batch, target, sites):
+        return {s: g * a for s, (a, g) in site_gradients(loaded, batch, target, sites).items()}
     return attribute
 
 
@@ -50,13 +51,15 @@ def grad_x_act(loaded: LoadedModel):
 class GradXAct(Method):
     """Gradient x activation (first-order Taylor estimate of what zeroing a unit does to the objective).
 
-    The objective is log p(gold label) for a classifier and the mean next-token log-likelihood for a
-    causal LM (`harness.engine.objective`); a `base` model has none, so the method raises ValueError.
+    The objective is the task's (`ctx.objective`, `harness.engine.objective.OBJECTIVES`): by default
+    log p(gold label) for a classifier and the mean next-token log-likelihood for a causal LM;
+    `erasure` on a causal LM declares log p(the predicted next token after the text). A `base`
+    model has none, so the method raises ValueError.
 
     relevance: per neuron, mean over every real token (special tokens included) of |grad x act|;
         the absolute value counts a neuron that pushes the objective down as relevant too.
     attribute_positions: per position, the signed sum over hidden dims of grad x hidden state at
-        `resid.layer`: positive = supports the gold label (ERASER's "higher = more important").
+        `resid.layer`: positive = raises the objective (ERASER's "higher = more important").
     `ctx.concept` is not used: the objective is the task's.
     """
 

@@ -10,12 +10,12 @@ from neuronbench.harness.engine.data import subsample
 from neuronbench.harness.engine.hooks import site_hooks
 from neuronbench.harness.engine.method import Method, MethodContext, Needs, NeuronScores, register_method
 from neuronbench.harness.engine.models import LoadedModel
-from neuronbench.harness.engine.objective import (neuron_relevance, objective, position_scores,
-                                            require_task_head, run)
+from neuronbench.harness.engine.objective import (Target, neuron_relevance, objective, position_scores,
+                                                  require_task_head, run)
 from neuronbench.harness.engine.sites import Site
 
 
-def integrated_gradients(loaded: LoadedModel, batch: Batch, labels: torch.Tensor | None, site: Site,
+def integrated_gradients(loaded: LoadedModel, batch: Batch, target: Target | torch.Tensor | None, site: Site,
                          steps: int = 16, baseline: torch.Tensor | None = None) -> torch.Tensor:
     """IG of the objective w.r.t. one site's activations: (B, T, N).
 
@@ -25,6 +25,7 @@ def integrated_gradients(loaded: LoadedModel, batch: Batch, labels: torch.Tensor
     approximately objective(act) - objective(site set to the baseline at every token).
 
     Args:
+        target: the batch's `Target` (from `gradient_batches`: what the objective explains).
         baseline: (N,) value of every neuron at every token on the path's start; None = zero.
     """
     if steps < 1:
@@ -41,7 +42,7 @@ def integrated_gradients(loaded: LoadedModel, batch: Batch, labels: torch.Tensor
         return state["path"].reshape(acts.shape)
 
     with site_hooks(loaded.model, {site: fn}):
-        obj = objective(loaded, run(loaded, batch, steps), batch, labels)
+        obj = objective(loaded, run(loaded, batch, steps), batch, target)
     (grad_KBTN,) = torch.autograd.grad(obj.sum(), [state["path"]])
     return state["delta"] * grad_KBTN.mean(0)
 
@@ -51,7 +52,8 @@ BASELINES = ("mean", "zero")
 
 @register_method("integrated-gradients")
 class IntegratedGradients(Method):
-    """Integrated Gradients of the task objective (see `harness.engine.objective`) at each site.
+    """Integrated Gradients of the task's objective (`ctx.objective`, see `harness.engine.objective`)
+    at each site.
 
     Baseline (path start): by default each neuron's mean activation over `ctx.data` (the
     harness's mean ablation), so IG splits objective(act) - objective(mean-ablated site) over
@@ -89,8 +91,8 @@ class IntegratedGradients(Method):
         return {s: moments[s].moments.mean.float() for s in ctx.sites}
 
     def _attribute(self, loaded: LoadedModel, baselines: dict[Site, torch.Tensor | None]):
-        def attribute(batch: Batch, labels, sites):
-            return {s: integrated_gradients(loaded, batch, labels, s, self.steps, baselines[s])
+        def attribute(batch: Batch, target, sites):
+            return {s: integrated_gradients(loaded, batch, target, s, self.steps, baselines[s])
                     for s in sites}
         return attribute
 

@@ -1,7 +1,9 @@
-"""Planted neurons: extra FFN units added to a copy of a model (BERT-style or gated Llama-style
-MLPs), whose input weights detect a known target and whose output weights are zero, so the model
-computes exactly what it did while the new units' activations follow the target: ground truth for
-explanation methods. Targets may be word-level or sentence-level (`engine.discovery.sentence_means` of the inputs)."""
+"""Planted neurons: extra FFN units added to a copy of a model (the plain or gated MLP of any
+architecture `engine.arch` resolves, GPT-2's `Conv1D` and Phi-3's fused gate/up included), whose
+input weights detect a known target and whose output weights are zero, so the model computes
+exactly what it did while the new units' activations follow the target: ground truth for
+explanation methods. Targets may be word-level or sentence-level (`engine.discovery.sentence_means`
+of the inputs)."""
 from __future__ import annotations
 
 import copy
@@ -13,6 +15,7 @@ from torch import nn
 
 from neuronbench.harness.engine.batching import encode
 from neuronbench.harness.engine.collect import CollectConfig, run_batches
+from neuronbench.harness.engine.arch import linear_dims
 from neuronbench.harness.engine.models import LoadedModel, arch_spec, layer_modules
 from neuronbench.harness.engine.sites import Site
 
@@ -35,41 +38,43 @@ class Planted:
 
 @dataclass(frozen=True)
 class FFNParts:
-    """Where one block's FFN keeps its matrices: attribute paths inside the block (None for no gate).
+    """Where one block's FFN keeps its matrices, as `engine.arch.arch_spec` resolved them (paths
+    inside the block).
 
-    `up` (and `gate` when the MLP is gated, `act(gate(x)) * up(x)`) map the FFN input to the
-    neurons; `down` maps the neurons back (the module `models` hooks for the `ffn` site)."""
+    Attributes:
+        up: the projection whose rows make the neurons of a plain MLP (`act(up(x))`), the up
+            projection of a gated one (`act(gate(x)) * up(x)`), or a fused `gate_up` projection
+            (gate rows first, then up rows, as Phi-3 splits it).
+        down: the projection mapping the neurons back (whose input is the `ffn` site).
+        gate: the gate projection of a gated MLP with separate gate and up, else None.
+        fused: `up` holds the gate and up rows together.
+    """
 
     up: str
     down: str
     gate: str | None = None
+    fused: bool = False
 
 
 def ffn_parts(model: nn.Module, layer: int) -> FFNParts:
-    """Locate the FFN matrices of block `layer` structurally: the down projection comes from
-    `models.arch_spec`, the up (and gate) projections are the block's other `nn.Linear`s whose
-    output width is the down projection's input width, outside the attention submodule (a name
-    containing "gate" marks the gate).
+    """The FFN matrices of block `layer`, read from `arch_spec(model)` (its `up_proj`, `down_proj` and
+    `fused_gate_up`; `nn.Linear` or GPT-2's transposed `Conv1D`).
 
     Raises:
-        ValueError: the layout is not one or two such `nn.Linear`s (e.g. GPT-2's Conv1D).
+        ValueError: the resolved layout names no input projection (an override without `up_proj`),
+            or a projection that is not a linear layer.
     """
-    down_path = arch_spec(model).down_proj
+    spec = arch_spec(model)
     block = layer_modules(model)[layer]
-    down = block.get_submodule(down_path)
-    width = getattr(down, "in_features", None)
-    # Attention projections can have the same width (hidden == intermediate in tiny models);
-    # every supported family names its attention submodule `attention`, `attn` or `self_attn`.
-    ins = {name: m for name, m in block.named_modules()
-           if isinstance(m, nn.Linear) and name != down_path and m.out_features == width
-           and not any(part in ("attention", "attn", "self_attn") for part in name.split("."))}
-    gates = [n for n in ins if "gate" in n.rsplit(".", 1)[-1]]
-    ups = [n for n in ins if n not in gates]
-    if not isinstance(down, nn.Linear) or len(ups) != 1 or len(gates) > 1:
-        raise ValueError(f"planting needs an FFN of nn.Linear layers (up [+ gate] -> down); block {layer} of "
-                         f"{model.config.model_type!r} has down {type(down).__name__} and inputs {sorted(ins)}: "
-                         "use a BERT, GPT-NeoX or Llama-family model")
-    return FFNParts(ups[0], down_path, gates[0] if gates else None)
+    if not spec.up_proj:
+        raise ValueError(f"planting needs the FFN's input projections; the {model.config.model_type!r} override in "
+                         "harness.engine.arch.ARCHS has no up_proj: add it (ArchSpec.up_proj)")
+    for path in (*spec.up_proj, spec.down_proj):
+        if linear_dims(block.get_submodule(path)) is None:
+            raise ValueError(f"planting needs linear FFN projections; block {layer} of {model.config.model_type!r} "
+                             f"has {path} = {type(block.get_submodule(path)).__name__}")
+    gate = spec.up_proj[0] if len(spec.up_proj) == 2 else None
+    return FFNParts(spec.up_proj[-1], spec.down_proj, gate, spec.fused_gate_up)
 
 
 def ffn_inputs(model: LoadedModel, layer: int, dataset, max_length: int = 256,
@@ -90,7 +95,7 @@ def ffn_inputs(model: LoadedModel, layer: int, dataset, max_length: int = 256,
     up = layer_modules(model.model)[layer].get_submodule(ffn_parts(model.model, layer).up)
     enc = encode(model.tokenizer, dataset, min(max_length, model.max_length), with_words=True)
     offsets = np.concatenate([[0], np.cumsum(enc.n_words)]).astype(np.int64)
-    inputs = np.zeros((int(offsets[-1]), up.in_features), dtype=np.float32)
+    inputs = np.zeros((int(offsets[-1]), linear_dims(up)[0]), dtype=np.float32)
     kept = np.zeros(len(inputs), dtype=bool)
     state = {}
 
@@ -158,53 +163,78 @@ def plant_units(model: LoadedModel, layer: int, weight: torch.Tensor, bias: torc
     """A copy of `model` whose FFN at `layer` has P more units: unit j computes act(`weight[j]` . x +
     `bias[j]`) and writes nothing (a zero column of the down projection), at a seeded random position.
 
-    In a gated MLP (`act(gate(x)) * up(x)`, Llama-style) the gate row is the detector and the up row
-    is zero with bias 1, so the unit is act(weight . x + bias) too; projections without a bias get
-    one, zero on the original units. The model's outputs are unchanged (up to float summation
-    order). `config.intermediate_size` still describes the other layers; `LoadedModel.width`
-    reads the module and reports the new width.
+    The layout comes from `arch_spec` (`ffn_parts`). In a gated MLP (`act(gate(x)) * up(x)`,
+    Llama-style, or Phi-3's fused gate/up) the gate row is the detector and the up row is zero with
+    bias 1, so the unit is act(weight . x + bias) too; projections without a bias get one, zero on
+    the original units. GPT-2's `Conv1D` stores its weight as (in, out) and is grown along the
+    other axis. The model's outputs are unchanged (up to float summation order).
+    `config.intermediate_size` still describes the other layers; `LoadedModel.width` reads the
+    module and reports the new width.
     """
     net = copy.deepcopy(model.model)
     block, parts = layer_modules(net)[layer], ffn_parts(net, layer)
-    detector = block.get_submodule(parts.gate or parts.up)
-    n_old, n_new = detector.out_features, weight.shape[0]
-    if weight.shape != (n_new, detector.in_features) or bias.shape != (n_new,):
-        raise ValueError(f"weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must be "
-                         f"(P, {detector.in_features}) and (P,)")
+    down = block.get_submodule(parts.down)
+    n_old, n_new = linear_dims(down)[0], weight.shape[0]
+    d_in = linear_dims(block.get_submodule(parts.up))[0]
+    if weight.shape != (n_new, d_in) or bias.shape != (n_new,):
+        raise ValueError(f"weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must be (P, {d_in}) and (P,)")
     pos = np.random.default_rng(seed).choice(n_old + n_new, n_new, replace=False)
     old = np.setdiff1d(np.arange(n_old + n_new), pos)  # original units keep their order
-    grown = {(parts.gate or parts.up): _grown_rows(detector, weight, bias, pos, old)}
-    if parts.gate:
-        up = block.get_submodule(parts.up)
-        grown[parts.up] = _grown_rows(up, torch.zeros(n_new, up.in_features), torch.ones(n_new), pos, old)
-    grown[parts.down] = _grown_columns(block.get_submodule(parts.down), pos, old)
-    for path, module in grown.items():
-        parent, _, leaf = path.rpartition(".")
-        setattr(block.get_submodule(parent) if parent else block, leaf, module)
+    constant = (torch.zeros(n_new, d_in), torch.ones(n_new))  # the up rows of a gated unit: always 1
+    up = block.get_submodule(parts.up)
+    if parts.fused:
+        (w_gate, w_up), (b_gate, b_up) = (t.chunk(2, 0) for t in _rows(up))
+        _set_rows(up, torch.cat([_insert(w_gate, weight, pos, old), _insert(w_up, constant[0], pos, old)]),
+                  torch.cat([_insert(b_gate, bias, pos, old), _insert(b_up, constant[1], pos, old)]))
+    else:
+        detector = block.get_submodule(parts.gate) if parts.gate else up
+        _grow_rows(detector, weight, bias, pos, old)
+        if parts.gate:
+            _grow_rows(up, *constant, pos, old)
+    _grow_inputs(down, pos, old)
     planted = LoadedModel(net.eval(), model.tokenizer, f"{model.name}+planted", "<planted>", model.kind)
     return Planted(planted, Site.ffn(layer), tuple(int(p) for p in pos))
 
 
-def _grown_rows(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor, pos, old) -> nn.Linear:
-    """`linear` with output rows `weight`/`bias` inserted at `pos` (its own rows move to `old`)."""
-    out = nn.Linear(linear.in_features, len(pos) + len(old), bias=True,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-    pos_t, old_t = (torch.as_tensor(i, device=linear.weight.device) for i in (pos, old))
-    with torch.no_grad():
-        out.weight[old_t] = linear.weight
-        out.weight[pos_t] = weight.to(linear.weight)
-        out.bias[old_t] = linear.bias if linear.bias is not None else 0.0
-        out.bias[pos_t] = bias.to(linear.weight)
+def _rows(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) weight and (out,) bias of a linear layer (zeros where it has no bias)."""
+    weight = module.weight.detach()
+    weight = weight.T if not isinstance(module, nn.Linear) else weight  # Conv1D stores (in, out)
+    bias = module.bias.detach() if module.bias is not None else torch.zeros(len(weight), dtype=weight.dtype,
+                                                                            device=weight.device)
+    return weight, bias
+
+
+def _insert(original: torch.Tensor, new: torch.Tensor, pos, old) -> torch.Tensor:
+    """`original`'s rows moved to `old` and `new`'s rows (cast to its dtype and device) at `pos`."""
+    out = original.new_zeros((len(pos) + len(old), *original.shape[1:]))
+    out[torch.as_tensor(old, device=out.device)] = original
+    out[torch.as_tensor(pos, device=out.device)] = new.to(original)
     return out
 
 
-def _grown_columns(linear: nn.Linear, pos, old) -> nn.Linear:
-    """`linear` reading `len(pos)` more inputs, at `pos`, with zero weights."""
-    out = nn.Linear(len(pos) + len(old), linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        out.weight.zero_()
-        out.weight[:, torch.as_tensor(old, device=linear.weight.device)] = linear.weight
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias)
-    return out
+def _set_rows(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Give a linear layer (of the planted copy) new (out, in) weights and (out,) bias, in place."""
+    if isinstance(module, nn.Linear):
+        module.weight, module.out_features = nn.Parameter(weight), len(weight)
+    else:  # Conv1D: weight (in, out), output width `nf`
+        module.weight, module.nf = nn.Parameter(weight.T.contiguous()), len(weight)
+    module.bias = nn.Parameter(bias)
+
+
+def _grow_rows(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor, pos, old) -> None:
+    """Insert output rows `weight`/`bias` at `pos` (the layer's own rows move to `old`)."""
+    w, b = _rows(module)
+    _set_rows(module, _insert(w, weight, pos, old), _insert(b, bias, pos, old))
+
+
+def _grow_inputs(module: nn.Module, pos, old) -> None:
+    """Make a linear layer read `len(pos)` more inputs, at `pos`, with zero weights (its bias kept)."""
+    w = _rows(module)[0]  # (out, in)
+    grown = _insert(w.T, torch.zeros(len(pos), len(w)), pos, old).T.contiguous()
+    if isinstance(module, nn.Linear):
+        module.weight, module.in_features = nn.Parameter(grown), grown.shape[1]
+    else:
+        module.weight = nn.Parameter(grown.T.contiguous())
+        if hasattr(module, "nx"):
+            module.nx = grown.shape[1]

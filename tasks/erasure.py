@@ -3,7 +3,11 @@ attributions at each hidden layer of the polarity classifier, with DiffMask-styl
 states by the layer's mean, against random position orders computed by the harness.
 
 On a causal LM (`--model`) the probability explained is that of the token the full model predicts
-after the whole text (its next-token distribution at the last real position)."""
+after the whole text (its next-token distribution at the last real position), and the task declares
+the same quantity as the objective gradient methods attribute (`OBJECTIVES`, v3): log p(that token)
+at the last real position, not the mean next-token likelihood `prune` uses. On a classifier the
+objective stays the gold label's log-probability (the masking explains the predicted class; the
+two agree wherever the classifier is right)."""
 from __future__ import annotations
 
 import logging
@@ -73,7 +77,7 @@ class Params(TaskParams):
 # pool bounds its cost: gradxact ~5 s a layer, integrated-gradients (16 steps) 30-110 s a layer,
 # diffmask seconds a layer once its gates are cached (building them: see baselines/diffmask.py).
 SPEC = TaskSpec(
-    name="erasure", version=2, verb="attribute_positions", model="minilm-polarity", data="polarity",
+    name="erasure", version=3, verb="attribute_positions", model="minilm-polarity", data="polarity",
     sites="resid", headline="erasure.comp_gap_mean", no_skill=0.0,
     params=Params(layers=(0, 1, 2, 3, 4), fractions=(0.05, 0.1, 0.2, 0.5), n_pool=300, n_test=100,
                   random_seeds=3, bootstrap=1000),
@@ -86,6 +90,9 @@ SPEC = TaskSpec(
                 adapted=(("causal-lm", "p = probability of the token the full model predicts after the "
                                        "whole text; no accuracy"),)))
 
+# The objective gradient methods are asked to attribute, per model kind (`MethodContext.objective`;
+# a kind not listed keeps its default: a classifier's gold-label log-probability).
+OBJECTIVES = {"causal-lm": "predicted-next-token"}
 # Padded tokens per forward pass, masked copies included (the budget `prune` measured on 2 cores).
 EVAL_MAX_TOKENS = 8192
 # Stream tags: tie-breaking, random orders and the bootstrap never share a generator.
@@ -305,7 +312,8 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     train = corpus.splits["train"]
     ctx = MethodContext(model=model, sites=sites, data=pool, data_id=f"{corpus.fingerprint}:test-pool{len(pool)}",
                         seed=env.seed, label_names=corpus.label_names, train=train,
-                        train_id=f"{corpus.fingerprint}:train", cache=env.cache)
+                        train_id=f"{corpus.fingerprint}:train", cache=env.cache,
+                        objective=OBJECTIVES.get(model.kind))
     rows = env.scoring_rows(len(pool), p.n_test, spec.split_seed)
     key = ("erasure", spec.fingerprint(), env.seed, env.split, rows.tobytes())
     means = env.memo(("erasure.means", spec.model, corpus.fingerprint, sites), lambda: train_means(

@@ -7,6 +7,20 @@ On a causal LM (`--model`), "accuracy" is each test text's top-1 next-token accu
 "log-likelihood" its mean next-token log-likelihood (labels, if any, are unused): the drop in
 held-out next-token log-likelihood is `prune.loglik_gap_auc`. Without a parent (`--model` with no
 `--parent` and no zoo parent) a method that compares stages is not applicable.
+
+Why the gaps' intervals carry the between-set spread (v3): a gap compares ONE set (the method's
+top-k, or bottom-k) with the mean of S random sets of the same per-layer size. A model with a few
+catastrophic FFN units makes a set's drop depend on whether it holds one of them, a luck the
+method's single set carries as much as any random set does; resampling texts and the S random
+sets (v2) sees the reference's share of it (sigma^2 / S) but not the compared set's (sigma^2), so
+a set that happened to miss (or hit) a catastrophic unit got an interval excluding 0 with no
+skill behind it (SmolLM2: `random` -0.289 [-0.641, -0.057]). Asking "is this set more harmful
+than random sets of its size?" is a test of one draw against the random sets' distribution, so
+each replicate adds one random set's deviation from the random sets' mean (`PairedBootstrap.ci`,
+`one_set`): beyond the texts' share, its variance is then sigma^2 (1 + 1/S), that of one set
+minus the mean of S. The value is unchanged. The drops' own intervals (`acc_drop.top`, ...)
+describe the sets themselves and are not widened. With few random sets (quick: 3) the spread
+is estimated from few draws and the interval is coarse.
 """
 from __future__ import annotations
 
@@ -34,7 +48,8 @@ class Params(TaskParams):
 
     Attributes:
         ks: fractions of all scored neurons ablated (each in [0, 1]).
-        random_seeds: random neuron sets per k (positive).
+        random_seeds: random neuron sets per k (at least 2: the gaps' intervals estimate the
+            between-set spread from them).
         ablation: "mean" (train-split mean) or "zero".
         n_test: test sentences scored (None = the whole split).
         bootstrap: bootstrap resamples of each interval.
@@ -51,8 +66,9 @@ class Params(TaskParams):
             set_size(k, 1)
         if self.ablation not in ABLATION_MODES:
             raise ValueError(f"prune: ablation={self.ablation!r}; use one of {ABLATION_MODES}")
-        if not isinstance(self.random_seeds, int) or self.random_seeds < 1:
-            raise ValueError(f"prune: random_seeds={self.random_seeds!r} must be a positive integer")
+        if not isinstance(self.random_seeds, int) or self.random_seeds < 2:
+            raise ValueError(f"prune: random_seeds={self.random_seeds!r} must be an integer >= 2 (the gaps' "
+                             "intervals need the spread between random sets)")
 
 
 # The tiny classifier is a random tiny BERT fine-tuned from scratch: it has no pre-trained parent
@@ -62,7 +78,7 @@ class Params(TaskParams):
 # test sentences took ~8 min a method: 120 public sentences let ten methods fit the default
 # suite's time budget and leave the hidden split 280 others (version history: CHANGELOG.md).
 SPEC = TaskSpec(
-    name="prune", version=2, verb="relevance", model="minilm-polarity", parent="minilm",
+    name="prune", version=3, verb="relevance", model="minilm-polarity", parent="minilm",
     data="polarity", sites="ffn", headline="prune.gap_auc", no_skill=0.0,
     params=Params(ks=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2), random_seeds=10, ablation="mean", n_test=120,
                   bootstrap=1000),
@@ -74,6 +90,8 @@ SPEC = TaskSpec(
                 adapted=(("causal-lm", "accuracy = top-1 next-token accuracy, log-likelihood = mean "
                                        "next-token log-likelihood of each held-out test text"),)))
 
+# What gradient methods attribute, per model kind: what the task scores (`MethodContext.objective`).
+OBJECTIVES = {"classifier": "gold-label", "causal-lm": "next-token-mean"}
 TOP, BOTTOM = "top", "bottom"
 RANDOM_UNIFORM, RANDOM_MATCHED = "random_uniform", "random_matched"
 CONDITIONS = (TOP, BOTTOM, RANDOM_UNIFORM, RANDOM_MATCHED)
@@ -191,7 +209,8 @@ def evaluate_plan(model: LoadedModel, test, index: NeuronIndex, plan: PrunePlan,
 def summarise(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, scores: np.ndarray,
               n_boot: int, n_neurons: int) -> list[Record]:
     """Drop curves per k, `gap_auc`, `bottom_gap` and the full model's accuracy, each with a
-    bootstrap interval (`metrics.PairedBootstrap`: test examples and random-set seeds resampled).
+    bootstrap interval (`metrics.PairedBootstrap`: test examples and random-set seeds resampled;
+    the gaps' intervals also carry the compared set's own set-level luck, `one_set`: see below).
 
     A drop is the full model's value minus the ablated one (accuracy, or mean log-probability of
     the gold label); a random condition's value is the mean over its seeds. Per k,
@@ -203,6 +222,7 @@ def summarise(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, scores: n
     and `bottom_gap` are their means over the ks (equal weights); `loglik_gap_auc` and
     `loglik_bottom_gap` are the same in mean log-likelihood of the gold label (nats, not
     normalised), finer-grained than accuracy where few predictions flip.
+    The gaps' intervals also carry the compared set's own luck (v3; the module docstring says why).
     """
     full = scores[0]  # (n, 2): [correct, log p(gold)] of the unablated model
     ks = sorted({k for _, k in plan.rows})
@@ -210,10 +230,10 @@ def summarise(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, scores: n
     boot = PairedBootstrap(full.shape[0], n_boot, seed, _BOOT_STREAM)
 
     def rec(metric: str, per_seed: np.ndarray, k: float | None = None,
-            den: np.ndarray | None = None) -> Record:
+            den: np.ndarray | None = None, one_set: bool = False) -> Record:
         # None where the full model gets nothing right (a normalised gap is undefined: an untrained LM)
         with np.errstate(invalid="ignore", divide="ignore"):
-            got = boot.ci(np.atleast_2d(per_seed), den)
+            got = boot.ci(np.atleast_2d(per_seed), den, one_set=one_set)
         value, low, high = (v if np.isfinite(v) else None for v in got)
         return record(spec, method, metric, value, seed, k=k, ci_low=low, ci_high=high)
 
@@ -227,13 +247,13 @@ def summarise(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, scores: n
             out.append(rec(f"prune.loglik_drop.{c}", full[None, :, 1] - cond[c][..., 1], k))
         gap = cond[RANDOM_MATCHED] - cond[TOP]  # (S, n, 2): drop(top) - drop(random)
         bottom = cond[BOTTOM] - cond[RANDOM_UNIFORM]  # drop(random) - drop(bottom)
-        out.append(rec("prune.gap_at_k", gap[..., 0], k, full[:, 0]))
-        out.append(rec("prune.bottom_gap_at_k", bottom[..., 0], k, full[:, 0]))
+        out.append(rec("prune.gap_at_k", gap[..., 0], k, full[:, 0], one_set=True))
+        out.append(rec("prune.bottom_gap_at_k", bottom[..., 0], k, full[:, 0], one_set=True))
         gaps += np.stack([gap[..., 0], bottom[..., 0], gap[..., 1], bottom[..., 1]]) / len(ks)
-    out.append(rec(spec.headline, gaps[0], den=full[:, 0]))
-    out.append(rec("prune.bottom_gap", gaps[1], den=full[:, 0]))
-    out.append(rec("prune.loglik_gap_auc", gaps[2]))
-    out.append(rec("prune.loglik_bottom_gap", gaps[3]))
+    out.append(rec(spec.headline, gaps[0], den=full[:, 0], one_set=True))
+    out.append(rec("prune.bottom_gap", gaps[1], den=full[:, 0], one_set=True))
+    out.append(rec("prune.loglik_gap_auc", gaps[2], one_set=True))
+    out.append(rec("prune.loglik_bottom_gap", gaps[3], one_set=True))
     return out
 
 
@@ -248,7 +268,8 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     parent = env.model(spec.parent) if spec.parent else None
     train, data_id = corpus.splits["train"], f"{corpus.fingerprint}:train"
     ctx = MethodContext(model=child, sites=child.sites(spec.sites), data=train, data_id=data_id,
-                        seed=env.seed, label_names=corpus.label_names, parent=parent, cache=env.cache)
+                        seed=env.seed, label_names=corpus.label_names, parent=parent, cache=env.cache,
+                        objective=OBJECTIVES.get(child.kind))
     answer = call_verb(method, spec.verb, ctx)
     test = corpus.splits["test"]
     test = env.scoring_subset(test, n_test, spec.split_seed)  # fixed per split, whatever the run seed

@@ -104,6 +104,9 @@ class MethodContext:
         collect_defaults: batching settings for `collect`.
         proposer: the generative LM a task provides for methods that propose descriptors (a model
             alias such as `smollm2-135m`, or `stub` for a keyword stand-in), or None.
+        objective: what the task's score explains, for methods that differentiate an objective
+            (one of `objective.OBJECTIVES`, e.g. `predicted-next-token` for `erasure` on a causal
+            LM), or None for the model kind's default (gold label; mean next-token likelihood).
     """
 
     model: LoadedModel
@@ -120,6 +123,7 @@ class MethodContext:
     cache: Cache | None = None
     collect_defaults: dict = field(default_factory=dict)
     proposer: str | None = None
+    objective: str | None = None
 
     @property
     def index(self) -> NeuronIndex:

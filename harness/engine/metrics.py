@@ -61,19 +61,35 @@ class PairedBootstrap:
             raise ValueError(f"groups must be ({n}, G) bool with every unit in at least one group, "
                              f"got shape {self.groups.shape}")
 
-    def ci(self, per_seed: np.ndarray, den: np.ndarray | None = None) -> tuple[float, float, float]:
+    def ci(self, per_seed: np.ndarray, den: np.ndarray | None = None,
+           one_set: bool = False) -> tuple[float, float, float]:
         """(value, low, high) of mean(per_seed) [/ mean(den)]; `per_seed` is (S, n), S = 1 or the
-        rows resampled with the units; `den` replaces the bootstrap's own denominators."""
+        rows resampled with the units; `den` replaces the bootstrap's own denominators.
+
+        `one_set`: row s is (one compared set) - (reference set s), e.g. a method's top-k neurons
+        minus random sets of the same size, and the interval must also carry the compared set's own
+        set-level luck (whether it holds one of a few very harmful neurons), which resampling
+        units and reference rows never sees. Each replicate adds one reference row's deviation from
+        the rows' mean, drawn uniformly, scaled by sqrt(S / (S - 1)) (so that its variance is the
+        unbiased between-set variance): the pivot of "this set vs a random set of its size". Needs S >= 2.
+        """
         den = self.den if den is None else den
+        if one_set and (len(per_seed) < 2 or self.groups is not None):
+            raise ValueError(f"one_set intervals need at least 2 reference rows (got {len(per_seed)}) "
+                             "and no groups")
         rows_rng = np.random.default_rng([self.seed, self.stream])
         groups_rng = np.random.default_rng([self.seed, self.stream, 1])
+        set_rng = np.random.default_rng([self.seed, self.stream, 2])
         share = None if self.groups is None else self.groups / self.groups.sum(1, keepdims=True)  # (n, G)
+        spread = np.sqrt(len(per_seed) / (len(per_seed) - 1)) if one_set else 0.0
 
         def stat(units: np.ndarray) -> float:
             s = len(per_seed)
             rows = per_seed[rows_rng.integers(0, s, s)] if s > 1 else per_seed
             if share is None:
                 num = rows[:, units].mean()
+                if one_set:  # the compared set's own luck: one reference set's deviation from their mean
+                    num += spread * (per_seed[set_rng.integers(0, s), units].mean() - per_seed[:, units].mean())
                 return num if den is None else num / den[units].mean()
             g = share.shape[1]
             w = (share @ np.bincount(groups_rng.integers(0, g, g), minlength=g))[units]  # mean m_g per unit

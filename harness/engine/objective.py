@@ -1,11 +1,14 @@
 """The task objective that gradient methods differentiate, and batches of the data to differentiate it on.
 
-Classifier: log-probability of the gold label. Causal LM: mean next-token log-likelihood. A bare
-encoder (`base`) has no task head, so there is no objective and gradient methods do not apply.
+A task declares its objective (`MethodContext.objective`, one of `OBJECTIVES`); by default a
+classifier's is the log-probability of the gold label and a causal LM's the mean next-token
+log-likelihood. A bare encoder (`base`) has no task head, so there is no objective and gradient
+methods do not apply.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -34,6 +37,47 @@ def require_task_head(model: LoadedModel, method: str = "this method") -> None:
             "with kind='classifier' or kind='causal-lm'")
 
 
+# What a task may ask gradient methods to differentiate, per example, and the model kind it needs:
+# - gold-label: log p(gold label) (what a classifier task scores);
+# - next-token-mean: the mean over the text's predicted tokens of log p(next token) (`prune` on a
+#   causal LM scores held-out next-token likelihood);
+# - predicted-next-token: log p(t) of the token t the unmodified model predicts after the whole
+#   text, at its last real position (`erasure` on a causal LM explains that prediction).
+OBJECTIVES = {"gold-label": "classifier", "next-token-mean": "causal-lm", "predicted-next-token": "causal-lm"}
+_DEFAULTS = {"classifier": "gold-label", "causal-lm": "next-token-mean"}
+
+
+def objective_name(loaded: LoadedModel, name: str | None = None) -> str:
+    """`name` checked against the model's kind, or the kind's default objective when None.
+
+    Raises:
+        NoObjectiveError: the model has no task head.
+        ValueError: an unknown objective, or one for another kind of model.
+    """
+    require_task_head(loaded, "a gradient objective")
+    if name is None:
+        return _DEFAULTS[loaded.kind]
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; use one of {sorted(OBJECTIVES)}")
+    if OBJECTIVES[name] != loaded.kind:
+        raise ValueError(f"objective {name!r} needs a {OBJECTIVES[name]} model; {loaded.name!r} is a {loaded.kind}")
+    return name
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one batch's objective is computed against (yielded by `gradient_batches`).
+
+    Attributes:
+        objective: one of `OBJECTIVES`.
+        ids: (B,) gold labels (`gold-label`) or the tokens the unmodified model predicts after each
+            text (`predicted-next-token`); None for `next-token-mean`.
+    """
+
+    objective: str
+    ids: torch.Tensor | None = None
+
+
 def _copies(n_rows: int, batch: Batch) -> int:
     B = batch.input_ids.shape[0]
     if n_rows % B:
@@ -54,27 +98,40 @@ def gold_log_prob(logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(1, gold[:, None])[:, 0]
 
 
-def objective(loaded: LoadedModel, batch_outputs, batch: Batch, labels: torch.Tensor | None) -> torch.Tensor:
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the index of each row's last real token (right padding, as `make_batch` pads)."""
+    return attention_mask.sum(1) - 1
+
+
+def objective(loaded: LoadedModel, batch_outputs, batch: Batch, target: "Target | torch.Tensor | None") -> torch.Tensor:
     """Per-example objective, differentiable, in float32.
 
     Args:
-        loaded: the model (its `kind` picks the objective).
+        loaded: the model.
         batch_outputs: the model's output for `batch`, or for K copies of it stacked copy-major
             (rows k*B .. k*B+B-1 are copy k), with `.logits`.
         batch: the batch that was run.
-        labels: (B,) gold label of each example of `batch` (classifiers), else ignored.
+        target: the batch's `Target` from `gradient_batches`; a tensor of gold labels (or None)
+            means the model kind's default objective.
 
     Returns:
-        (K*B,): log p(gold label) for a classifier; for a causal LM the mean over the example's
-        predicted tokens of log p(next token) (0 for a one-token example).
+        (K*B,): the target's objective (see `OBJECTIVES`): log p(gold label); the mean over the
+        example's predicted tokens of log p(next token) (0 for a one-token example); or log p of
+        the unmodified model's predicted token at the last real position.
     """
-    require_task_head(loaded, "a gradient objective")
+    if not isinstance(target, Target):
+        target = Target(objective_name(loaded), target)
+    name = objective_name(loaded, target.objective)
     logits = batch_outputs.logits.float()
     k = _copies(logits.shape[0], batch)
-    if loaded.kind == "classifier":
-        if labels is None:
-            raise ValueError("a classifier objective needs gold labels: the data needs a 'label' column")
-        return gold_log_prob(logits, labels.repeat(k))
+    if name != "next-token-mean" and target.ids is None:
+        raise ValueError(f"objective {name!r} needs target ids (gold labels: the data needs a 'label' column; "
+                         "predicted tokens: as `gradient_batches` yields them)")
+    if name == "gold-label":
+        return gold_log_prob(logits, target.ids.repeat(k))
+    if name == "predicted-next-token":
+        last = last_positions(batch.attention_mask).repeat(k)
+        return gold_log_prob(logits[torch.arange(len(last), device=logits.device), last], target.ids.repeat(k))
     ids = batch.input_ids.repeat(k, 1)
     attn = batch.attention_mask.repeat(k, 1)
     logp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None])[..., 0]  # (KB, T-1)
@@ -101,33 +158,40 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 def gradient_batches(loaded: LoadedModel, data, max_tokens: int = 2048, max_batch: int = 64,
                      max_length: int | None = None, include_special: bool = True,
-                     ) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+                     objective: str | None = None) -> Iterator[tuple[Batch, Target]]:
     """Batches of `data` on the model's device, yielded with gradients enabled (model frozen).
 
     Args:
         loaded: the model (must have a task head).
-        data: a `datasets.Dataset` with `text` (and `label` for a classifier).
+        data: a `datasets.Dataset` with `text` (and `label` for the `gold-label` objective).
         max_tokens: padded tokens per batch.
         max_batch: examples per batch at most.
         max_length: truncation length; default the model's limit.
         include_special: count special tokens in `batch.view` (a classifier reads [CLS], so
             gradient methods count them).
+        objective: the task's objective (`MethodContext.objective`); None = the kind's default.
 
     Yields:
-        (batch, labels): labels is (B,) gold labels of the batch's examples (None for a causal LM).
-        Examples come longest first; `batch.indices` gives their positions in `data`.
+        (batch, target): the `Target` of the batch's examples (for `predicted-next-token`, the
+        unmodified model's prediction, from a forward pass without gradients). Examples come
+        longest first; `batch.indices` gives their positions in `data`.
     """
-    require_task_head(loaded, "a gradient method")
+    name = objective_name(loaded, objective)
     enc = encode(loaded.tokenizer, data, max_length or loaded.max_length, include_special=include_special)
-    if loaded.kind == "classifier" and enc.labels is None:
+    if name == "gold-label" and enc.labels is None:
         raise ValueError("a classifier objective needs gold labels: the data needs a 'label' column")
-    all_labels = torch.tensor(enc.labels) if loaded.kind == "classifier" else None
+    all_labels = torch.tensor(enc.labels) if name == "gold-label" else None
     pad = loaded.tokenizer.pad_token_id
     with frozen(loaded.model), torch.inference_mode(False), torch.enable_grad():
         for indices in plan_batches([len(x) for x in enc.input_ids], max_tokens, max_batch):
             batch = make_batch(enc, indices, pad, device=loaded.device)
-            labels = all_labels[indices].to(loaded.device) if all_labels is not None else None
-            yield batch, labels
+            ids = all_labels[indices].to(loaded.device) if all_labels is not None else None
+            if name == "predicted-next-token":
+                with torch.no_grad():
+                    logits = run(loaded, batch).logits
+                ids = logits[torch.arange(len(indices), device=logits.device),
+                             last_positions(batch.attention_mask)].argmax(-1)
+            yield batch, Target(name, ids)
 
 
 def run(loaded: LoadedModel, batch: Batch, batch_copies: int = 1):
@@ -136,9 +200,9 @@ def run(loaded: LoadedModel, batch: Batch, batch_copies: int = 1):
                         attention_mask=batch.attention_mask.repeat(batch_copies, 1))
 
 
-# An attribution function maps (batch, labels, sites) to per-site attributions (B, T, N) of the
+# An attribution function maps (batch, target, sites) to per-site attributions (B, T, N) of the
 # objective: the shared shape of gradient methods, so relevance and position scores are built once.
-Attribution = Callable[[Batch, "torch.Tensor | None", tuple[Site, ...]], dict[Site, torch.Tensor]]
+Attribution = Callable[[Batch, Target, tuple[Site, ...]], dict[Site, torch.Tensor]]
 
 
 def neuron_relevance(ctx: MethodContext, attribute: Attribution, max_tokens: int = 2048) -> NeuronScores:
@@ -151,8 +215,8 @@ def neuron_relevance(ctx: MethodContext, attribute: Attribution, max_tokens: int
     index = ctx.index
     sums = {s: torch.zeros(index.width(s), dtype=torch.float64) for s in index.sites}
     count = 0
-    for batch, labels in gradient_batches(ctx.model, ctx.data, max_tokens=max_tokens):
-        attributions = attribute(batch, labels, index.sites)
+    for batch, target in gradient_batches(ctx.model, ctx.data, max_tokens=max_tokens, objective=ctx.objective):
+        attributions = attribute(batch, target, index.sites)
         rows = batch.view.rows
         for site, attr_BTN in attributions.items():
             sums[site] += attr_BTN.detach().reshape(-1, attr_BTN.shape[-1])[rows].abs().sum(0).double().cpu()
@@ -167,8 +231,8 @@ def position_scores(ctx: MethodContext, layer: int, attribute: Attribution,
     site = Site.resid(layer)
     ctx.model.width(site)  # checks the layer exists before any work
     out: list[torch.Tensor] = [torch.zeros(0)] * len(ctx.data)
-    for batch, labels in gradient_batches(ctx.model, ctx.data, max_tokens=max_tokens):
-        per_pos_BT = attribute(batch, labels, (site,))[site].detach().sum(-1).float().cpu()
+    for batch, target in gradient_batches(ctx.model, ctx.data, max_tokens=max_tokens, objective=ctx.objective):
+        per_pos_BT = attribute(batch, target, (site,))[site].detach().sum(-1).float().cpu()
         lengths = batch.attention_mask.sum(1).tolist()
         for b, i in enumerate(batch.indices):
             out[i] = per_pos_BT[b, : lengths[b]].clone()

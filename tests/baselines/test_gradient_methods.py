@@ -3,6 +3,8 @@ exact gradients on a hand-computable head, IG completeness, the hard concrete di
 Lagrange multiplier, and valid, seeded outputs on tiny models."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -66,6 +68,65 @@ def test_objective_is_gold_log_probability_and_lm_likelihood(tiny, sentence_data
                 else:  # transformers' loss is the mean next-token cross-entropy
                     expected = -model.model(**inputs, labels=inputs["input_ids"]).loss
             assert got[i].item() == pytest.approx(expected.item(), abs=1e-5), (model.kind, i)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_predicted_next_token_objective_is_log_p_of_the_prediction_at_the_last_real_token(tiny, sentence_data,
+                                                                                          arch):
+    # Batches are padded (texts of different lengths): the last *real* position must be read.
+    model = tiny(arch, "causal-lm")
+    got, target_ids = torch.zeros(len(sentence_data)), torch.zeros(len(sentence_data), dtype=torch.long)
+    for batch, target in gradient_batches(model, sentence_data, max_tokens=64, objective="predicted-next-token"):
+        assert target.objective == "predicted-next-token" and bool((batch.attention_mask == 0).any())
+        with torch.no_grad():
+            got[batch.indices] = objective(model, run(model, batch), batch, target)
+        target_ids[batch.indices] = target.ids
+    for i, row in enumerate(sentence_data):
+        with torch.no_grad():
+            logp = torch.log_softmax(model.model(**_encode_one(model, row["text"])).logits[0, -1], -1)
+        assert target_ids[i].item() == logp.argmax().item()
+        assert got[i].item() == pytest.approx(logp.max().item(), abs=1e-5)
+
+
+def test_an_objective_for_another_kind_of_model_is_refused(tiny, sentence_data):
+    from neuronbench.harness.engine.objective import objective_name
+
+    assert objective_name(tiny("gpt2", "causal-lm")) == "next-token-mean"
+    assert objective_name(tiny("bert", "classifier")) == "gold-label"
+    with pytest.raises(ValueError, match="needs a causal-lm model"):
+        next(gradient_batches(tiny("bert", "classifier"), sentence_data, objective="predicted-next-token"))
+    with pytest.raises(ValueError, match="unknown objective 'loss'"):
+        objective_name(tiny("gpt2", "causal-lm"), "loss")
+
+
+@pytest.mark.parametrize("name", ["gradxact", "integrated-gradients"])
+def test_gradient_methods_attribute_the_objective_the_task_declares(reference, sentence_data, tmp_cache, name):
+    # On a causal LM, erasure declares log p(predicted next token at the last real position): the
+    # per-position attribution must be grad x act (IG: its path integral) of exactly that quantity.
+    model = tiny_model("llama", "causal-lm", seed=1)
+    site, data = Site.resid(0), sentence_data.select(range(4))
+    ctx = dataclasses.replace(_ctx(model, data, [site], tmp_cache), objective="predicted-next-token")
+    method = get_method(name, **({"steps": 64} if name != "gradxact" else {}))
+    got = call_verb(method, "attribute_positions", ctx, 0)
+    default = call_verb(method, "attribute_positions", _ctx(model, data, [site], tmp_cache), 0)
+    for i, row in enumerate(data):
+        inputs, kept = _encode_one(model, row["text"]), {}
+        handle = reference.block_of(model, 0).register_forward_hook(
+            lambda m, a, out: kept.setdefault("h", out[0] if isinstance(out, tuple) else out))
+        try:
+            logp = torch.log_softmax(model.model(**inputs).logits[0, -1], -1)
+            (grad,) = torch.autograd.grad(logp.max(), kept["h"])
+        finally:
+            handle.remove()
+        want = (grad * kept["h"]).detach()[0].sum(-1)
+        if name == "gradxact":
+            torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-4)
+        else:  # completeness: IG sums to log p(pred) minus its value with the site at IG's (mean) baseline
+            base = ctx.collect(("moments",))[site].moments.mean
+            with torch.no_grad(), site_hooks(model.model, {site: lambda a: base.expand_as(a)}):
+                at_base = torch.log_softmax(model.model(**inputs).logits[0, -1], -1)[logp.argmax()]
+            assert got[i].sum().item() == pytest.approx((logp.max() - at_base).item(), abs=2e-3, rel=1e-2)
+        assert not torch.allclose(got[i], default[i], atol=1e-4)  # the mean-likelihood objective differs
 
 
 @pytest.mark.parametrize("verb", ["relevance", "attribute_positions"])

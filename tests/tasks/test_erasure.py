@@ -260,3 +260,31 @@ def test_gradxact_and_random_on_minilm_polarity(tmp_cache):
     assert head.ci_low <= 0 <= head.ci_high
     key = ("erasure.random_comprehensiveness", 2.0)
     assert out["random"][key].value == out["gradxact"][key].value  # one random reference per run
+
+
+class ObjectiveSpy(Method):
+    """Random scores; remembers the objective each call was asked to explain."""
+
+    name = "objective-spy"
+
+    def __init__(self):
+        self.seen = []
+
+    def attribute_positions(self, ctx: MethodContext, layer: int) -> list[torch.Tensor]:
+        self.seen.append(ctx.objective)
+        return get_method("random").attribute_positions(ctx, layer)
+
+
+def test_the_task_declares_the_objective_it_scores(model, tmp_cache):
+    """On a causal LM gradient methods are asked for log p(predicted next token), what erasure
+    masks; a classifier keeps its default (the gold label)."""
+    lm_name, spy = "tiny-erasure-lm", ObjectiveSpy()
+    spec = dataclasses.replace(SPEC, model=lm_name)
+    env = RunEnv(seed=0, cache=tmp_cache, progress=False, _models={lm_name: tiny_model("llama", "causal-lm")})
+    run_one(TASKS.get("erasure"), spec, spy, env)
+    assert spy.seen == ["predicted-next-token"] * len(LAYERS)
+    records = run_one(TASKS.get("erasure"), spec, get_method("gradxact"), env)
+    assert {r.status for r in records} == {"ok"} and _by_metric(records)[("erasure.comp_gap_mean", None)] is not None
+    classifier_spy = ObjectiveSpy()
+    _run(model, classifier_spy, cache=tmp_cache)
+    assert classifier_spy.seen == [None] * len(LAYERS)

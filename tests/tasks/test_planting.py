@@ -1,58 +1,86 @@
-"""Planting on every architecture whose FFN is made of nn.Linear layers: BERT-style (up -> act ->
-down), GPT-NeoX, and gated Llama-style MLPs (act(gate) * up): outputs unchanged, the new units
-fire as designed (act(weight . x + bias)), and GPT-2's Conv1D is refused with a clear message."""
+"""Planting on every family `tiny_config` builds, read from the resolved architecture (plain MLPs,
+gated `act(gate) * up`, Phi-3's fused gate/up, GPT-2's transposed `Conv1D`): outputs unchanged,
+the new units fire as designed (act(weight . x + bias)), and an unusable layout is refused."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from transformers.activations import ACT2FN
 
+from neuronbench.harness.engine.arch import ArchSpec, register_arch, ARCHS
 from neuronbench.harness.engine.collect import CollectConfig, collect
 from neuronbench.harness.engine.discovery import sentence_means
-from neuronbench.tasks._planting import ffn_inputs, ffn_parts, plant_units
+from neuronbench.harness.engine.models import arch_spec
 from neuronbench.harness.engine.sites import Site
+from neuronbench.harness.zoo.tiny import TINY_FAMILIES, tiny_model
+from neuronbench.tasks._planting import ffn_inputs, ffn_parts, plant_units
 
 WORDS = [["the", "cat", "sat", "on", "the", "mat"], ["stocks", "rallied", "sharply"], ["a", "dog", "ran"]]
 
 
-@pytest.mark.parametrize("arch,parts", [("bert", ("intermediate.dense", "output.dense", None)),
-                                        ("gpt_neox", ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h", None)),
-                                        ("llama", ("mlp.up_proj", "mlp.down_proj", "mlp.gate_proj"))])
-def test_ffn_parts_are_found_structurally(tiny, arch, parts):
-    found = ffn_parts(tiny(arch).model, 1)
-    assert (found.up, found.down, found.gate) == parts
+def _act(config):
+    """The FFN nonlinearity a family's config names (Falcon's is a fixed exact GELU)."""
+    if config.model_type == "falcon":
+        return torch.nn.GELU()
+    for attr in ("hidden_activation", "hidden_act", "activation_function", "activation"):
+        if isinstance(getattr(config, attr, None), str):
+            return ACT2FN[getattr(config, attr)]
+    raise AssertionError(f"no activation named in {config.model_type}'s config")
 
 
-def test_conv1d_ffn_is_refused(tiny):
-    with pytest.raises(ValueError, match="nn.Linear"):
-        ffn_parts(tiny("gpt2").model, 0)
+@pytest.mark.parametrize("arch,parts", [
+    ("bert", ("intermediate.dense", "output.dense", None, False)),
+    ("gpt2", ("mlp.c_fc", "mlp.c_proj", None, False)),
+    ("llama", ("mlp.up_proj", "mlp.down_proj", "mlp.gate_proj", False)),
+    ("phi3", ("mlp.gate_up_proj", "mlp.down_proj", None, True))])
+def test_ffn_parts_come_from_the_resolved_architecture(arch, parts):
+    found = ffn_parts(tiny_model(arch).model, 1)
+    assert (found.up, found.down, found.gate, found.fused) == parts
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt_neox", "llama"])
-def test_planting_keeps_outputs_and_units_compute_their_detector(tiny, arch, tmp_path):
+def test_a_layout_without_input_projections_is_refused():
+    model = tiny_model("opt")
+    spec = arch_spec(model.model)
+    register_arch("opt", ArchSpec(spec.layers, spec.down_proj))  # an override written before up_proj existed
+    try:
+        with pytest.raises(ValueError, match="override .* has no up_proj"):
+            ffn_parts(model.model, 0)
+    finally:
+        del ARCHS["opt"]
+
+
+@pytest.mark.parametrize("kind", ["base", "causal-lm"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_planting_keeps_outputs_and_units_compute_their_detector(family, kind, tmp_path):
     import datasets
 
-    model = tiny(arch)
+    if kind == "causal-lm" and family in ("bert", "roberta", "distilbert", "electra"):
+        kind = "classifier"  # the encoders' head: planting must keep its logits too
+    model = tiny_model(family, kind)
     layer, n_new = 1, 5
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(n_new, 32, generator=gen), torch.randn(n_new, generator=gen)
     planted = plant_units(model, layer, weight, bias, seed=3)
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
     with torch.no_grad():
-        before = model.model(input_ids=ids, output_hidden_states=True).hidden_states
-        after = planted.model.model(input_ids=ids, output_hidden_states=True).hidden_states
-    for b, a in zip(before, after):
+        before = model.model(input_ids=ids, output_hidden_states=True)
+        after = planted.model.model(input_ids=ids, output_hidden_states=True)
+    for b, a in zip(before.hidden_states, after.hidden_states):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if kind != "base":
+        torch.testing.assert_close(after.logits, before.logits, atol=1e-5, rtol=1e-5)
     assert planted.model.width(Site.ffn(layer)) == 64 + n_new and len(set(planted.units)) == n_new
+    assert model.width(Site.ffn(layer)) == 64  # the original is untouched
 
     # Each planted unit is act(weight . x + bias) of the FFN input x, gated or not.
     data = datasets.Dataset.from_dict({"words": WORDS})
     x, kept = ffn_inputs(model, layer, data)
     cfg = CollectConfig(sites=(Site.ffn(layer),), stats=(), dense_words=True, alignment="last")
-    acts = np.asarray(collect(planted.model, data, cfg, dense_dir=tmp_path, progress=False).dense_words[Site.ffn(layer)], dtype=np.float32)
-    act_fn = {"bert": torch.nn.functional.gelu, "gpt_neox": torch.nn.functional.gelu,
-              "llama": torch.nn.functional.silu}[arch]
-    want = act_fn(torch.as_tensor(x[kept]) @ weight.T + bias).numpy()
+    acts = np.asarray(collect(planted.model, data, cfg, dense_dir=tmp_path, progress=False).dense_words[Site.ffn(layer)],
+                      dtype=np.float32)
+    want = _act(model.config)(torch.as_tensor(x[kept]) @ weight.T + bias).numpy()
+    assert kept.sum() > 5
     np.testing.assert_allclose(acts[kept][:, list(planted.units)], want, atol=2e-2, rtol=2e-2)
 
 

@@ -148,6 +148,8 @@ def test_ties_are_broken_at_random_not_by_position():
 def test_bad_parameters_are_rejected(sharp):
     with pytest.raises(ValueError, match="ablation"):
         _sharp_run(sharp, get_method("random"), ablation="median")
+    with pytest.raises(ValueError, match="random_seeds=1 must be an integer >= 2"):
+        _sharp_run(sharp, get_method("random"), random_seeds=1)
     with pytest.raises(ValueError, match="k=1.5"):
         prune.set_size(1.5, 100)
 

@@ -34,3 +34,35 @@ def test_shared_group_noise_widens_the_interval_and_covers_more_often():
 def test_groups_are_checked():
     with pytest.raises(ValueError, match="every unit in at least one group"):
         PairedBootstrap(3, 10, 0, 0, groups=np.array([[1], [0], [1]], bool))
+
+
+def _one_set_trial(rng: np.random.Generator, n: int = 48, s: int = 10) -> np.ndarray:
+    """(S, n) drop(compared set) - drop(random set s) per text, with no skill: the compared set is
+    one more draw from the random sets' distribution, where 1 set in 5 holds a catastrophic unit."""
+    def drops(k):
+        luck = np.where(rng.random(k) < 0.2, 0.5, 0.0) + 0.02 * rng.normal(size=k)  # set-level
+        return luck[:, None] + 0.1 * rng.normal(size=(k, n))  # plus per-text noise
+
+    return drops(1) - drops(s)
+
+
+def test_one_set_intervals_carry_the_compared_sets_own_luck():
+    """A set compared with random sets of its kind: resampling texts and random sets misses the
+    compared set's own luck and excludes the true gap 0 far more often than 5%; `one_set` adds it."""
+    rng = np.random.default_rng(0)
+    miss_rows, miss_one, wider = 0, 0, 0
+    for trial in range(80):
+        per_seed = _one_set_trial(rng)
+        boot = PairedBootstrap(per_seed.shape[1], 200, trial, 3)
+        value, lo, hi = boot.ci(per_seed)
+        value1, lo1, hi1 = boot.ci(per_seed, one_set=True)
+        assert value1 == value and lo1 <= value1 <= hi1
+        miss_rows += not lo <= 0 <= hi
+        miss_one += not lo1 <= 0 <= hi1
+        wider += hi1 - lo1 > hi - lo
+    assert miss_rows > 12 and miss_one <= 8 and wider == 80, (miss_rows, miss_one, wider)
+
+
+def test_one_set_needs_two_reference_rows():
+    with pytest.raises(ValueError, match="at least 2 reference rows"):
+        PairedBootstrap(5, 10, 0, 0).ci(np.zeros((1, 5)), one_set=True)
