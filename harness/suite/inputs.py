@@ -40,10 +40,13 @@ def check_model(spec: TaskSpec, env: RunEnv) -> str:
     """The kind of `spec.model`, after refusing a kind the task does not take or an untrained head."""
     takes = spec.takes
     kind = model_kind(spec.model, env)
-    if takes is None or kind not in takes.models:
-        wants = " or ".join(takes.models) if takes else "its own model only"
+    if takes is None:
+        raise ValueError(f"task {spec.name!r} takes neither another model nor your data (its protocol fixes "
+                         f"both); drop {spec.name} from --tasks, or run it without --model and --data")
+    if kind not in takes.models:
+        wants = " or ".join(takes.models)
         extra = (" (a zoo trajectory or family, or checkpoints in training order: 'a,b,c;d,e,f')"
-                 if takes and "trajectory" in takes.models else "")
+                 if "trajectory" in takes.models else "")
         raise ValueError(f"task {spec.name!r} scores a {wants} model{extra}; {spec.model!r} is a {kind} model: "
                          f"drop {spec.name} from --tasks or pass a model of that kind")
     if kind == "classifier" and spec.model not in _zoo_names():

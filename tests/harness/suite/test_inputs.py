@@ -89,6 +89,11 @@ def test_a_model_without_a_recognisable_mlp_is_refused(capsys, tmp_path, folders
     assert "no recognisable MLP" in err and "looked for" in err
 
 
+def test_a_task_whose_protocol_fixes_its_model_refuses_another(capsys, tmp_path, folders):
+    err = refused(capsys, tmp_path, ["--tasks", "txray-prune", "--model", folders["classifier"]])
+    assert "'txray-prune' takes neither another model nor your data" in err and "drop txray-prune" in err
+
+
 def test_a_parent_that_cannot_load_is_refused(capsys, tmp_path, folders):
     err = refused(capsys, tmp_path, ["--tasks", "prune", "--model", folders["classifier"],
                                      "--parent", str(tmp_path / "no-such-folder")])
