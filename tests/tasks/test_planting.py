@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers.activations import ACT2FN
 
 from neuronbench.harness.engine.arch import ArchSpec, register_arch, ARCHS
 from neuronbench.harness.engine.collect import CollectConfig, collect
@@ -15,18 +14,9 @@ from neuronbench.harness.engine.models import arch_spec
 from neuronbench.harness.engine.sites import Site
 from neuronbench.harness.zoo.tiny import TINY_FAMILIES, tiny_model
 from neuronbench.tasks._planting import ffn_inputs, ffn_parts, plant_units
+from families import ffn_act
 
 WORDS = [["the", "cat", "sat", "on", "the", "mat"], ["stocks", "rallied", "sharply"], ["a", "dog", "ran"]]
-
-
-def _act(config):
-    """The FFN nonlinearity a family's config names (Falcon's is a fixed exact GELU)."""
-    if config.model_type == "falcon":
-        return torch.nn.GELU()
-    for attr in ("hidden_activation", "hidden_act", "activation_function", "activation"):
-        if isinstance(getattr(config, attr, None), str):
-            return ACT2FN[getattr(config, attr)]
-    raise AssertionError(f"no activation named in {config.model_type}'s config")
 
 
 @pytest.mark.parametrize("arch,parts", [
@@ -79,7 +69,7 @@ def test_planting_keeps_outputs_and_units_compute_their_detector(family, kind, t
     cfg = CollectConfig(sites=(Site.ffn(layer),), stats=(), dense_words=True, alignment="last")
     acts = np.asarray(collect(planted.model, data, cfg, dense_dir=tmp_path, progress=False).dense_words[Site.ffn(layer)],
                       dtype=np.float32)
-    want = _act(model.config)(torch.as_tensor(x[kept]) @ weight.T + bias).numpy()
+    want = ffn_act(model.config)(torch.as_tensor(x[kept]) @ weight.T + bias).numpy()
     assert kept.sum() > 5
     np.testing.assert_allclose(acts[kept][:, list(planted.units)], want, atol=2e-2, rtol=2e-2)
 

@@ -8,13 +8,13 @@ import functools
 import pytest
 import torch
 import transformers as tf
-from transformers.activations import ACT2FN
 
 from neuronbench.harness.engine.hooks import site_hooks
 from neuronbench.harness.engine.intervene import ablate
 from neuronbench.harness.engine.models import arch_spec, layer_modules, load_model, resolve_arch
 from neuronbench.harness.engine.sites import Site
 from neuronbench.harness.zoo.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
+from families import ffn_act
 
 TEXT = "stocks rallied sharply while the cat sat on the mat"
 _BERT = ("encoder.layer", "output.dense", ("intermediate.dense",))
@@ -42,16 +42,6 @@ def _model(family: str, kind: str = "base"):
 def _ids(model):
     ids = model.tokenizer(TEXT, return_tensors="pt")["input_ids"]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def _act(config):
-    """The FFN nonlinearity a family's config names (Falcon's is a fixed exact GELU)."""
-    if config.model_type == "falcon":
-        return torch.nn.GELU()
-    for attr in ("hidden_activation", "hidden_act", "activation_function", "activation"):
-        if isinstance(getattr(config, attr, None), str):
-            return ACT2FN[getattr(config, attr)]
-    raise AssertionError(f"no activation named in {config.model_type}'s config")
 
 
 def test_every_family_is_covered():
@@ -85,7 +75,7 @@ def test_ffn_hook_equals_a_manual_forward_of_the_mlp(family):
                 model.model(**_ids(model))
         finally:
             handle.remove()
-        act = _act(model.config)
+        act = ffn_act(model.config)
         with torch.no_grad():
             if spec.fused_gate_up:
                 gate, up = projs[0](x["in"]).chunk(2, dim=-1)
