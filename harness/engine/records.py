@@ -143,11 +143,18 @@ def _check_bound(folder: Path, frame: pl.DataFrame, config: dict) -> None:
                          "mismatch); the files were changed or mixed from two runs: rerun it")
 
 
+def per_k_last(frame: pl.DataFrame) -> pl.DataFrame:
+    """`frame` with its k-less rows first, order kept otherwise: a task may record its headline metric
+    per k and summarised over k (`txray-prune`), and then the summary (k null) is the headline."""
+    return frame.sort(pl.col("k").is_not_null(), maintain_order=True)
+
+
 def headline_table(frame: pl.DataFrame, headlines: dict[str, str]) -> pl.DataFrame:
     """Tasks x methods: the headline metric of each task as `value [ci_low, ci_high]`."""
     rows = []
     for task, metric in headlines.items():
         sub = frame.filter((pl.col("task") == task) & (pl.col("metric").is_in([metric, f"{task}.not_applicable"])))
+        sub = per_k_last(sub)
         for r in sub.iter_rows(named=True):
             cell = "n/a" if r["status"] != "ok" else (
                 f"{r['value']:+.3f}" + (f" [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if r["ci_low"] is not None else ""))

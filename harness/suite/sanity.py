@@ -21,7 +21,7 @@ from ..engine.cache import Cache
 from ..engine.data import permute_labels
 from ..engine.method import Method, MethodContext, get_method
 from ..engine.models import LoadedModel
-from ..engine.records import save_results, to_frame
+from ..engine.records import per_k_last, save_results, to_frame
 from .runner import RunConfig, resolve_spec, run_one
 from .task import TASKS, RunEnv, Task, TaskSpec
 from .report import text_table
@@ -144,7 +144,7 @@ class Check:
 
 
 def _headline(frame: pl.DataFrame, spec: TaskSpec, check: str, method: str) -> Check:
-    row = frame.filter((pl.col("metric") == spec.headline) & (pl.col("method") == method))
+    row = per_k_last(frame.filter((pl.col("metric") == spec.headline) & (pl.col("method") == method)))
     if row.is_empty():
         return Check(spec.name, check, f"{method} (n/a)", None, None, None, spec.no_skill)
     r = row.row(0, named=True)

@@ -118,6 +118,23 @@ def test_headline_cells_prefer_the_headline_and_mark_not_applicable():
     assert by["nope"]["status"] == "not_applicable" and by["nope"]["value"] is None
 
 
+def test_a_headline_recorded_per_k_and_over_k_is_read_over_k():
+    """txray-prune records its headline metric per k and summarised (k null): every table reads the summary."""
+    from neuronbench.harness.engine.records import Record, headline_table
+    from neuronbench.harness.suite.sanity import _headline
+    from neuronbench.harness.suite.task import TASKS
+
+    metric = "txray-prune.head.most_vs_random"
+    common = dict(task="txray-prune", task_version=1, model="m", method="alpha", metric=metric, seed=0,
+                  split="public", config_hash="h")
+    records = [Record(value=v, k=k, ci_low=v - 0.01, ci_high=v + 0.01, **common)
+               for v, k in ((-0.5, 0.01), (-0.4, 0.05), (0.25, None), (-0.3, 0.1))]
+    frame = to_frame(records, "r")
+    assert report.headline_cells(frame, {"txray-prune": metric})["value"].to_list() == [0.25]
+    assert headline_table(frame, {"txray-prune": metric}).row(0)[1].startswith("+0.250")
+    assert _headline(frame, TASKS.get("txray-prune").spec, "reference", "alpha").value == 0.25
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda d: None, "neuronbench run"),
     (lambda d: (d.mkdir(), (d / "notes.txt").write_text("x")), "neuronbench run"),
