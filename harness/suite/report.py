@@ -15,7 +15,7 @@ import polars as pl
 
 from ..engine import paths
 from ..engine.cache import Cache
-from ..engine.records import CONFIG, RESULTS, load_results
+from ..engine.records import CONFIG, RESULTS, load_results, per_k_last
 from . import html
 from .plots import TrainingCurves, task_plot, training_plot
 from .verdicts import sanity_flags
@@ -91,9 +91,8 @@ def headline_cells(frame: pl.DataFrame, headlines: dict[str, str]) -> pl.DataFra
     keep = pl.lit(False)
     for task, metric in headlines.items():
         keep = keep | ((pl.col("task") == task) & ((pl.col("metric") == metric) | (pl.col("status") != "ok")))
-    sub = frame.filter(keep).with_columns(head=(pl.col("status") == "ok").cast(pl.Int8),
-                                          per_k=pl.col("k").is_not_null())  # the summary over k first
-    sub = sub.sort([*ids, "head", "per_k"], descending=[False] * len(ids) + [True, False]).unique(
+    sub = per_k_last(frame.filter(keep)).with_columns(head=(pl.col("status") == "ok").cast(pl.Int8))
+    sub = sub.sort([*ids, "head"], descending=[False] * len(ids) + [True], maintain_order=True).unique(
         ids, keep="first", maintain_order=True)
     metric = pl.col("task").replace_strict(headlines, default=None)
     return sub.with_columns(metric=metric).select([*COLUMN_KEY, "method", "value", "ci_low", "ci_high", "status"])
