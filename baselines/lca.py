@@ -202,6 +202,12 @@ class LCA(Method):
     def relevance(self, ctx: MethodContext) -> NeuronScores:
         return self.fit(ctx).scores(ctx.concept)
 
+    def settings(self) -> dict:
+        """The grid and recipe, and the (l1, l2) the last fit used (null before any fit)."""
+        out = {k: v for k, v in super().settings().items() if k != "last_choice"}
+        choice = self.last_choice
+        return {**out, "lambdas_used": None if choice is None else [choice.l1, choice.l2]}
+
     def fit(self, ctx: MethodContext) -> LcaFit:
         """Train the probes on `ctx.data` and return the chosen one."""
         data = probe_data(ctx, self.alignment)

@@ -9,6 +9,7 @@ through the split in their `MethodContext` and activations only through `MethodC
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -182,11 +183,36 @@ class Method:
         special tokens included) of how much the hidden state at `layer` drives the prediction."""
         raise NotImplementedError
 
+    def settings(self) -> dict:
+        """The method's own settings, recorded in a run's `config.json` (`method_settings`): its
+        public attributes that are JSON values (dataclasses as dicts); anything else is left out.
+        Override to record what the attributes do not show."""
+        return {k: v for k, v in ((k, _json_value(v)) for k, v in vars(self).items() if not k.startswith("_"))
+                if v is not _SKIP}
+
     @classmethod
     def supports(cls, verb: str) -> bool:
         if verb not in VERBS:
             raise ValueError(f"unknown verb {verb!r}; verbs are {VERBS}")
         return getattr(cls, verb) is not getattr(Method, verb)
+
+
+_SKIP = object()
+
+
+def _json_value(value):
+    """`value` as a JSON value (tuples as lists, dataclasses as dicts), or `_SKIP` when it has none."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        items = [_json_value(v) for v in value]
+        return _SKIP if any(v is _SKIP for v in items) else items
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = {k: _json_value(v) for k, v in value.items()}
+        return _SKIP if any(v is _SKIP for v in items.values()) else items
+    return _SKIP
 
 
 class NotApplicable(NotImplementedError):

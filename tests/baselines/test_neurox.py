@@ -217,6 +217,20 @@ def test_lca_ranks_every_neuron_of_a_tiny_model_reproducibly(tiny, word_data, tm
     assert one.concepts == ("b",) and one.scores.shape == (1, ctx.index.size)
 
 
+def test_lca_records_the_lambdas_it_used(tiny, word_data, tmp_cache):
+    model = tiny("bert")
+    ctx = MethodContext(model, sites=model.sites("ffn"), data=word_data, data_id="w", seed=0,
+                        label_names=tuple("abcdef"), cache=tmp_cache)
+    fixed = get_method("lca", epochs=2)
+    assert fixed.settings()["grid"] == [[1e-3, 1e-3]] and fixed.settings()["lambdas_used"] is None
+    call_verb(fixed, "relevance", ctx)
+    assert fixed.settings()["lambdas_used"] == [1e-3, 1e-3]
+    searched = get_method("lca", epochs=2, grid=((0.0, 0.0), (1e-2, 1e-2)), tolerance=1.0)
+    call_verb(searched, "relevance", ctx)
+    used = searched.settings()["lambdas_used"]  # tolerance 1.0: the sparsest grid point wins
+    assert used == [1e-2, 1e-2] and used == [searched.last_choice.l1, searched.last_choice.l2]
+
+
 # --------------------------------------------------------------------------- real model
 
 @pytest.mark.realmodel

@@ -108,3 +108,22 @@ def test_module_colon_class_loads_a_user_method(tmp_path, monkeypatch, contexts)
     monkeypatch.syspath_prepend(str(tmp_path))
     out = call_verb(get_method("usermethods:Ones"), "relevance", contexts["relevance"])
     assert out.scores.sum() == contexts["relevance"].index.size
+
+
+def test_settings_record_json_attributes_and_leave_the_rest_out():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Recipe:
+        steps: int
+        grid: tuple
+
+    class Configured(Method):
+        name = "configured"
+
+        def __init__(self):
+            self.recipe, self.lambdas, self.tensor = Recipe(3, ((0.1, 0.2),)), {"l1": 1e-3}, torch.zeros(2)
+            self.mixed, self._private = (1, torch.ones(1)), "hidden"
+
+    assert Configured().settings() == {"recipe": {"steps": 3, "grid": [[0.1, 0.2]]}, "lambdas": {"l1": 1e-3}}
+    assert get_method("integrated-gradients", steps=4).settings()["steps"] == 4

@@ -37,6 +37,7 @@ def test_the_readme_task_is_complete_short_and_runs_as_module_colon_score(readme
     assert by["random"]["status"] == "ok" and by["random"]["metric"] == "top-k-drop.acc_drop"
     assert by["txray"]["status"] == "not_applicable"
     assert "second model stage" in config["not_applicable"]["top-k-drop/txray"]
+    assert config["method_settings"] == {"random": {}, "txray": {"average": False, "no_evidence": "neutral"}}
     assert TASKS.get("top-k-drop") is TASKS.get("readme_task:score")
 
 
