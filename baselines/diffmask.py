@@ -134,8 +134,10 @@ class DiffMask(Method):
     relevance (neuron mode, NeuronBench's extension, not in the paper): one input-independent
         gate per neuron of `ctx.sites`, all sites gated together, trained on `ctx.data` by the same
         `fit_gates` (optimiser, warm-up, multiplier, train constraint, dev check, selection; a dev
-        split held out of `ctx.data`), at its own learning rate `lr_neuron_gates`; not cached (it
-        answers about the data it is given). A neuron's score is P(gate open) = expected L0. Its
+        split held out of `ctx.data`), at its own learning rate `lr_neuron_gates`; cached like the
+        position gates, under the content of `ctx.data` (`ctx.data_id`, else its fingerprint), the
+        sites, the model's weights, the config and the seed (`kind` = `diffmask-neuron-gates`), so a
+        rerun on the same data does not retrain. A neuron's score is P(gate open) = expected L0. Its
         baseline is the neuron's mean on `ctx.data`.
     Training: minimise alpha * (KL(original || masked) - eps_train) + expected L0, the multiplier
     alpha ascended by RMSprop inside Lookahead (lr 0.3, clamped to [0, 200]); the gates by centred
@@ -193,13 +195,22 @@ class DiffMask(Method):
     def relevance(self, ctx: MethodContext) -> NeuronScores:
         require_task_head(ctx.model, "diffmask")
         index = ctx.index
-        moments = ctx.collect(("moments",))
-        baselines = {s: moments[s].moments.mean.to(ctx.model.device).float() for s in index.sites}
-        gates = NeuronGates(baselines, self.cfg.init_log_alpha, self.cfg.learn_baseline).to(ctx.model.device)
-        train_b, dev_b = self._split_batches(ctx, ctx.data, ctx.data_id, include_special=True)
-        fit = fit_gates(ctx.model, train_b, dev_b, gates, self.cfg, ctx.seed, self.cfg.lr_neuron_gates)
-        gates.load_state_dict(fit.state)
-        self.history, self.summary = fit.curves, fit.summary
+        data_id = ctx.data_id or data_fingerprint(ctx.data)
+        parts = {"kind": "diffmask-neuron-gates", "method": self.name, "model": ctx.model.fingerprint(),
+                 "model_name": ctx.model.name, "sites": [str(s) for s in index.sites], "data": data_id,
+                 "config": asdict(self.cfg), "seed": ctx.seed}
+
+        def build() -> NeuronGates:
+            moments = ctx.collect(("moments",))
+            baselines = {s: moments[s].moments.mean.to(ctx.model.device).float() for s in index.sites}
+            return NeuronGates(baselines, self.cfg.init_log_alpha, self.cfg.learn_baseline).to(ctx.model.device)
+
+        def train_gates(gates: NeuronGates) -> Fit:
+            train_b, dev_b = self._split_batches(ctx, ctx.data, data_id, include_special=True)
+            return fit_gates(ctx.model, train_b, dev_b, gates, self.cfg, ctx.seed, self.cfg.lr_neuron_gates)
+
+        title = f"{ctx.model.name} neurons of {index.sites[0]}" + (f" .. {index.sites[-1]}" if len(index.sites) > 1 else "")
+        gates, self.history, self.summary = cached_gate(ctx.cache or Cache(), parts, build, train_gates, title, self.cfg)
         with torch.no_grad():
             scores = {s: expected_l0(la).cpu() for s, la in zip(gates.sites, gates.log_alpha)}
         return NeuronScores(index, index.concat(scores))

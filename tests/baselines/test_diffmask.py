@@ -11,6 +11,7 @@ from torch import nn
 
 from neuronbench.baselines.diffmask import PositionGate
 from neuronbench.baselines.diffmask_train import DiffMaskConfig, Lookahead, batches_with_logits, evaluate
+from neuronbench.baselines.diffmask_train import fit_gates as diffmask_fit_gates
 from neuronbench.harness.engine.method import MethodContext, call_verb, get_method
 from neuronbench.harness.suite.report import trained_artifacts
 from neuronbench.harness.zoo.tiny import tiny_model
@@ -89,6 +90,28 @@ def test_trained_gates_are_cached_per_layer_and_config(tmp_cache):
     drawn = runs[f"diffmask on {model.name}"]
     assert [r.title.split(":")[0] for r in drawn] == [f"{model.name} resid.0", f"{model.name} resid.1"]
     assert len(drawn[0].curves["step"]) == 11 and drawn[0].marked_step in drawn[0].curves["dev_step"]
+
+
+def test_neuron_gates_are_cached_under_the_data_sites_and_config(tmp_cache, monkeypatch):
+    import neuronbench.baselines.diffmask as diffmask
+
+    model = _decisive_classifier()
+    data = _sentences(60, 0)
+    ctx = MethodContext(model=model, sites=model.sites("ffn"), data=data, data_id="train", cache=tmp_cache)
+    first = call_verb(get_method("diffmask", steps=10, eval_every=5), "relevance", ctx).scores
+    trained = []
+    monkeypatch.setattr(diffmask, "fit_gates", lambda *a, **k: trained.append(1) or diffmask_fit_gates(*a, **k))
+    again = get_method("diffmask", steps=10, eval_every=5)
+    assert torch.equal(call_verb(again, "relevance", ctx).scores, first) and not trained
+    assert again.summary["selected_step"] in again.history["dev_step"]  # the curves come from the cache
+    call_verb(get_method("diffmask", steps=10, eval_every=5), "relevance",
+              MethodContext(model=model, sites=model.sites("ffn")[:1], data=data, data_id="train", cache=tmp_cache))
+    call_verb(get_method("diffmask", steps=10, eval_every=5), "relevance",
+              MethodContext(model=model, sites=model.sites("ffn"), data=data.select(range(50)), data_id=None,
+                            cache=tmp_cache))
+    assert len(trained) == 2
+    kinds = [e.meta["parts"]["kind"] for e in tmp_cache.entries()]
+    assert kinds.count("diffmask-neuron-gates") == 3
 
 
 def test_amortized_gates_meet_the_kl_budget_on_held_out_examples(tmp_cache):
