@@ -130,7 +130,8 @@ def _run(args) -> int:
     else:
         config = RunConfig(tasks=tuple(args.tasks or ()), methods=tuple(args.methods or ()), model=args.model,
                            parent=args.parent, data=tuple(args.data or ()), quick=args.quick, seed=args.seed,
-                           out=args.out, item_timeout=args.item_timeout, parallel=args.parallel)
+                           out=args.out, item_timeout=args.item_timeout, parallel=args.parallel,
+                           params=tuple(args.set or ()))
         check_run_out(Path(config.out))
     start = time.perf_counter()
     frame, record = run_suite(config, resume=bool(args.resume))
@@ -290,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .suite.inputs import add_input_arguments
     add_input_arguments(p)  # --model, --parent, --data
     p.add_argument("--quick", action="store_true", help="tiny models, fewer k, seeds and examples")
+    p.add_argument("--set", nargs="+", metavar="TASK.PARAM=VALUE",
+                   help="change a task parameter for this run (VALUE as JSON), e.g. txray-prune.ffn_config=true")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default="results/latest", help="folder for results.parquet and config.json")
     p.add_argument("--no-report", action="store_true", help="do not write report.html into --out")

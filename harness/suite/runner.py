@@ -41,6 +41,9 @@ class RunConfig:
             scorer's secret seed, passed to `run_suite` and never written anywhere).
         item_timeout: seconds one (task, method) item may take before it is recorded as an error
             (None: no limit).
+        params: task parameter settings `TASK.PARAM=VALUE` (`--set`; VALUE read as JSON, else a
+            string; a list becomes a tuple), applied after `--quick`, checked before any work. The
+            spec's fingerprint changes with them, so their records never pass for the default's.
         parallel: under a launcher (`torchrun`, `accelerate launch`): `items` splits the (task,
             method) items across ranks, `data` runs every item on all ranks with each item's
             collection and mask evaluation split across them (see `distributed.map_items`).
@@ -58,14 +61,47 @@ class RunConfig:
     split: str = "public"
     item_timeout: float | None = None
     parallel: str = "items"
+    params: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.item_timeout is not None and not self.item_timeout > 0:
             raise ValueError(f"--item-timeout {self.item_timeout!r}: give a number of seconds above 0")
 
 
+def parse_settings(settings: tuple[str, ...], tasks: list[Task]) -> dict[str, dict[str, object]]:
+    """`TASK.PARAM=VALUE` settings as {task: {param: value}}; a ValueError naming the bad one (an
+    unknown task or parameter, or no `=`) with the fix."""
+    known = {t.spec.name: t for t in tasks}
+    out: dict[str, dict[str, object]] = {}
+    for setting in settings:
+        name, eq, text = setting.partition("=")
+        task_name, dot, param = name.strip().rpartition(".")
+        if not eq or not dot or not param:
+            raise ValueError(f"--set {setting!r}: write TASK.PARAM=VALUE, e.g. --set txray-prune.ffn_config=true")
+        if task_name not in known:
+            raise ValueError(f"--set {setting!r}: task {task_name!r} is not in this run; its tasks are "
+                             f"{sorted(known)}")
+        params = dict(known[task_name].spec.params)
+        if param not in params:
+            raise ValueError(f"--set {setting!r}: {task_name} has no parameter {param!r}; its parameters are "
+                             f"{sorted(params)}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out.setdefault(task_name, {})[param] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
 def resolve_spec(task: Task, config: RunConfig) -> TaskSpec:
     spec = task.spec.quick_version() if config.quick else task.spec
+    changes = parse_settings(config.params, [task]).get(spec.name) if config.params else None
+    if changes:
+        spec = spec.with_params(**changes)
+        try:
+            task.params.of(spec) if task.params else None
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--set on {spec.name}: {err}") from err
     if config.model:
         parent = config.parent or default_parent(config.model)
         return replace(spec, model=config.model, parent=parent if spec.parent else None)
@@ -75,6 +111,7 @@ def resolve_spec(task: Task, config: RunConfig) -> TaskSpec:
 def resolved_specs(tasks: list[Task], config: RunConfig, env: RunEnv) -> dict[str, TaskSpec]:
     """Each task's spec for this run; with `--model`, `--parent` or `--data`, checked against what
     the task takes and given its data file (`inputs.check_inputs`: a ValueError on any refusal)."""
+    parse_settings(config.params, tasks)  # a setting naming no task of this run fails here
     specs = [resolve_spec(t, config) for t in tasks]
     if config.model or config.parent or config.data:
         specs = check_inputs(specs, env, bool(config.model), tuple(config.data))

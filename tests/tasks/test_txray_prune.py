@@ -11,7 +11,7 @@ import torch
 from neuronbench.harness.engine import data
 from neuronbench.harness.engine.method import Method, get_method
 from neuronbench.harness.engine.sites import NeuronIndex, Site
-from neuronbench.harness.suite.runner import run_one
+from neuronbench.harness.suite.runner import RunConfig, run_one, run_suite
 from neuronbench.harness.suite.task import TASKS, RunEnv
 from neuronbench.tasks import txray_prune
 from neuronbench.tasks.prune import PrunePlan
@@ -39,9 +39,39 @@ def _by_metric(records):
     return {(r.metric, r.k): r for r in records}
 
 
+def test_the_default_prunes_the_head_read_state_only(quick_home, tmp_cache):
+    env = RunEnv(seed=0, quick=True, cache=tmp_cache, progress=False)
+    got = _by_metric(run_one(TASKS.get("txray-prune"), QUICK, get_method("random"), env))
+    assert (QUICK.headline, None) in got and ("txray-prune.head.least_vs_random", None) in got
+    assert not [m for m, _ in got if m.startswith("txray-prune.ffn")]
+
+
+def test_set_runs_the_ffn_configuration_and_changes_the_fingerprint(quick_home, tmp_cache):
+    frame, config = run_suite(RunConfig(tasks=("txray-prune",), methods=("random",), quick=True,
+                                        params=("txray-prune.ffn_config=true", "txray-prune.ks=[0.2]")),
+                              progress=False)
+    recorded = dict(config["tasks"]["txray-prune"]["params"])
+    assert recorded["ffn_config"] is True and tuple(recorded["ks"]) == (0.2,) and config["config"]["params"] == (
+        "txray-prune.ffn_config=true", "txray-prune.ks=[0.2]")
+    assert set(frame["config_hash"]) == {QUICK.with_params(ffn_config=True, ks=(0.2,)).fingerprint()}
+    assert "txray-prune.ffn.most_vs_random" in set(frame["metric"]) and set(frame["k"].drop_nulls()) == {0.2}
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("txray-prune.nope=1", "has no parameter 'nope'"), ("prune.ks=[0.1]", "task 'prune' is not in this run"),
+    ("txray-prune.ks", "write TASK.PARAM=VALUE"), ("txray-prune.random_seeds=0", "random_seeds"),
+])
+def test_bad_settings_are_refused_before_any_work(setting, message, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        run_suite(RunConfig(tasks=("txray-prune",), methods=("random",), quick=True, params=(setting,),
+                            out=str(out)), progress=False)
+    assert not out.exists()
+
+
 def test_quick_spec_runs_with_both_configurations_and_intervals(quick_home, tmp_cache):
     env = RunEnv(seed=0, quick=True, cache=tmp_cache, progress=False)
-    records = run_one(TASKS.get("txray-prune"), QUICK, get_method("random"), env)
+    records = run_one(TASKS.get("txray-prune"), QUICK.with_params(ffn_config=True), get_method("random"), env)
     got = _by_metric(records)
     assert (QUICK.headline, None) in got and ("txray-prune.ffn.most_vs_random", None) in got
     for r in records:
