@@ -99,7 +99,8 @@ def resolve_spec(task: Task, config: RunConfig) -> TaskSpec:
     if changes:
         spec = spec.with_params(**changes)
         try:
-            task.params.of(spec) if task.params else None
+            if task.params:
+                task.params.of(spec)  # the task's own checks, before any work
         except (TypeError, ValueError) as err:
             raise ValueError(f"--set on {spec.name}: {err}") from err
     if config.model:
