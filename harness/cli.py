@@ -278,17 +278,13 @@ def _add_engine_parsers(sub) -> None:
                                           positive_float=positive_float, load_data=_load_data))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_run_parser(sub) -> None:
+    from .suite.inputs import add_input_arguments
     from .suite.launch import add_parallel_arg
 
-    parser = argparse.ArgumentParser(prog="neuronbench", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="verb", required=True)
-    _add_engine_parsers(sub)
     p = sub.add_parser("run", help="run the suite: every task with every applicable method")
     p.add_argument("--tasks", nargs="+", help="task names (default: all)")
     p.add_argument("--methods", nargs="+", help="method names or path.to.module:Class (default: all baselines)")
-    from .suite.inputs import add_input_arguments
     add_input_arguments(p)  # --model, --parent, --data
     p.add_argument("--quick", action="store_true", help="tiny models, fewer k, seeds and examples")
     p.add_argument("--set", nargs="+", metavar="TASK.PARAM=VALUE",
@@ -302,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the killed or failed run in DIR with its own settings (other options ignored)")
     add_parallel_arg(p)
     p.set_defaults(fn=_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuronbench", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    _add_engine_parsers(sub)
+    _add_run_parser(sub)
     p = sub.add_parser("methods", help="list the registered methods and their verbs")
     p.set_defaults(fn=_methods)
     p = sub.add_parser("explain", help="run one method verb (relevance or stage_change) on a split")

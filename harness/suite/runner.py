@@ -190,9 +190,8 @@ def run_suite(config: RunConfig, progress: bool = True, hidden_seed: int | None 
     record_config = {"run_id": run_id, "created": utc_stamp(),
                      "config": asdict(config), "tasks": {n: asdict(s) for n, s in resolved.items()},
                      "fingerprints": {n: s.fingerprint() for n, s in resolved.items()},
-                     "methods": [m.name for m in methods],
+                     "methods": [m.name for m in methods], "seconds": timings, "errors": errors,
                      "method_settings": {m.name: m.settings() for m in methods},
-                     "seconds": timings, "errors": errors,
                      "not_applicable": dict(env.not_applicable)}
     if ranks is not None:
         record_config["distributed"] = _ranks_record(items, ranks, config.parallel)
