@@ -209,8 +209,10 @@ class DiffMask(Method):
             train_b, dev_b = self._split_batches(ctx, ctx.data, data_id, include_special=True)
             return fit_gates(ctx.model, train_b, dev_b, gates, self.cfg, ctx.seed, self.cfg.lr_neuron_gates)
 
-        title = f"{ctx.model.name} neurons of {index.sites[0]}" + (f" .. {index.sites[-1]}" if len(index.sites) > 1 else "")
-        gates, self.history, self.summary = cached_gate(ctx.cache or Cache(), parts, build, train_gates, title, self.cfg)
+        last = f" .. {index.sites[-1]}" if len(index.sites) > 1 else ""
+        title = f"{ctx.model.name} neurons of {index.sites[0]}{last}"
+        gates, self.history, self.summary = cached_gate(ctx.cache or Cache(), parts, build, train_gates, title,
+                                                        self.cfg)
         with torch.no_grad():
             scores = {s: expected_l0(la).cpu() for s, la in zip(gates.sites, gates.log_alpha)}
         return NeuronScores(index, index.concat(scores))

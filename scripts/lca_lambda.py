@@ -1,8 +1,9 @@
 """How much `lca`'s neuron ranking depends on the elastic-net lambdas (issue 19): one probe per
 l1 = l2 = lambda on the suite's `wsj-pos` train split (tested on its test split), at NeuroX's
-"layer 3" (`resid.2` of MiniLM: NeuroX counts the embeddings as layer 0). Per lambda: test accuracy, weight sparsity, the test accuracy of
-probes retrained on the top and bottom 10% of the ranking, and the overlap of its top 10% with the
-default's (NeuroX's 1e-3); then the pairwise top-10% overlaps.
+"layer 3" (`resid.2` of MiniLM: NeuroX counts the embeddings as layer 0). Per lambda: test
+accuracy, weight sparsity, the test accuracy of probes retrained on the top and bottom 10% of the
+ranking, and the overlap of its top 10% with the default's (NeuroX's 1e-3); then the pairwise
+top-10% overlaps.
 
 Usage: python scripts/lca_lambda.py [--site resid.2] [--lambdas 0 1e-5 1e-4 1e-3 1e-2] [--json F]
 """

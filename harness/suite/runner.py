@@ -93,9 +93,10 @@ def parse_settings(settings: tuple[str, ...], tasks: list[Task]) -> dict[str, di
     return out
 
 
-def resolve_spec(task: Task, config: RunConfig) -> TaskSpec:
+def resolve_spec(task: Task, config: RunConfig, changes: dict[str, object] | None = None) -> TaskSpec:
+    """`task`'s spec for this run: `--quick`, then `changes` (its `--set` settings, parsed by
+    `parse_settings` over all the run's tasks), then `--model` / `--parent`."""
     spec = task.spec.quick_version() if config.quick else task.spec
-    changes = parse_settings(config.params, [task]).get(spec.name) if config.params else None
     if changes:
         spec = spec.with_params(**changes)
         try:
@@ -112,8 +113,8 @@ def resolve_spec(task: Task, config: RunConfig) -> TaskSpec:
 def resolved_specs(tasks: list[Task], config: RunConfig, env: RunEnv) -> dict[str, TaskSpec]:
     """Each task's spec for this run; with `--model`, `--parent` or `--data`, checked against what
     the task takes and given its data file (`inputs.check_inputs`: a ValueError on any refusal)."""
-    parse_settings(config.params, tasks)  # a setting naming no task of this run fails here
-    specs = [resolve_spec(t, config) for t in tasks]
+    settings = parse_settings(config.params, tasks)  # a setting naming no task of this run fails here
+    specs = [resolve_spec(t, config, settings.get(t.spec.name)) for t in tasks]
     if config.model or config.parent or config.data:
         specs = check_inputs(specs, env, bool(config.model), tuple(config.data))
     return {spec.name: spec for spec in specs}

@@ -11,7 +11,7 @@ import torch
 from neuronbench.harness.engine import data
 from neuronbench.harness.engine.method import Method, get_method
 from neuronbench.harness.engine.sites import NeuronIndex, Site
-from neuronbench.harness.suite.runner import RunConfig, run_one, run_suite
+from neuronbench.harness.suite.runner import RunConfig, resolved_specs, run_one, run_suite
 from neuronbench.harness.suite.task import TASKS, RunEnv
 from neuronbench.tasks import txray_prune
 from neuronbench.tasks.prune import PrunePlan
@@ -55,6 +55,14 @@ def test_set_runs_the_ffn_configuration_and_changes_the_fingerprint(quick_home, 
         "txray-prune.ffn_config=true", "txray-prune.ks=[0.2]")
     assert set(frame["config_hash"]) == {QUICK.with_params(ffn_config=True, ks=(0.2,)).fingerprint()}
     assert "txray-prune.ffn.most_vs_random" in set(frame["metric"]) and set(frame["k"].drop_nulls()) == {0.2}
+
+
+def test_set_changes_each_named_task_of_a_run():
+    tasks = [TASKS.get("prune"), TASKS.get("txray-prune")]
+    specs = resolved_specs(tasks, RunConfig(quick=True, params=("txray-prune.ffn_config=true", "prune.ks=[0.1]")),
+                           RunEnv(seed=0, quick=True, progress=False))
+    assert dict(specs["txray-prune"].params)["ffn_config"] is True and dict(specs["prune"].params)["ks"] == (0.1,)
+    assert dict(specs["txray-prune"].params)["ks"] == dict(QUICK.params)["ks"]
 
 
 @pytest.mark.parametrize("setting, message", [
