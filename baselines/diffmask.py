@@ -192,6 +192,10 @@ class DiffMask(Method):
                                         for d in (fit_on, dev))}
         return self._batches[key]
 
+    def settings(self) -> dict:
+        """The config only: `history` and `summary` are the last fit's curves, not settings."""
+        return {"cfg": asdict(self.cfg)}
+
     def relevance(self, ctx: MethodContext) -> NeuronScores:
         require_task_head(ctx.model, "diffmask")
         index = ctx.index

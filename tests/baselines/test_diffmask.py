@@ -2,6 +2,8 @@
 the amortized gates of a tiny model meeting the KL budget on examples they never trained on."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import datasets
 import numpy as np
 import polars as pl
@@ -104,6 +106,7 @@ def test_neuron_gates_are_cached_under_the_data_sites_and_config(tmp_cache, monk
     again = get_method("diffmask", steps=10, eval_every=5)
     assert torch.equal(call_verb(again, "relevance", ctx).scores, first) and not trained
     assert again.summary["selected_step"] in again.history["dev_step"]  # the curves come from the cache
+    assert again.settings() == {"cfg": asdict(again.cfg)}  # the run's curves are not settings
     call_verb(get_method("diffmask", steps=10, eval_every=5), "relevance",
               MethodContext(model=model, sites=model.sites("ffn")[:1], data=data, data_id="train", cache=tmp_cache))
     call_verb(get_method("diffmask", steps=10, eval_every=5), "relevance",
