@@ -8,6 +8,7 @@ import torch
 from neuronbench.harness.engine.batching import Batch
 from neuronbench.harness.engine.data import subsample
 from neuronbench.harness.engine.hooks import site_hooks
+from neuronbench.harness.engine.intervene import copied_forward
 from neuronbench.harness.engine.method import Method, MethodContext, Needs, NeuronScores, register_method
 from neuronbench.harness.engine.models import LoadedModel
 from neuronbench.harness.engine.objective import (Target, neuron_relevance, objective, position_scores,
@@ -16,7 +17,8 @@ from neuronbench.harness.engine.sites import Site
 
 
 def integrated_gradients(loaded: LoadedModel, batch: Batch, target: Target | torch.Tensor | None, site: Site,
-                         steps: int = 16, baseline: torch.Tensor | None = None) -> torch.Tensor:
+                         steps: int = 16, baseline: torch.Tensor | None = None,
+                         prefix_once: bool = True) -> torch.Tensor:
     """IG of the objective w.r.t. one site's activations: (B, T, N).
 
     The site is replaced by `baseline + alpha * (act - baseline)` for the midpoint Riemann nodes
@@ -27,22 +29,30 @@ def integrated_gradients(loaded: LoadedModel, batch: Batch, target: Target | tor
     Args:
         target: the batch's `Target` (from `gradient_batches`: what the objective explains).
         baseline: (N,) value of every neuron at every token on the path's start; None = zero.
+        prefix_once: the blocks before the site are the same on every copy: run them once on the
+            plain batch and copy from there (`intervene.copied_forward`): from the block after
+            `resid.L`, from block L for `ffn.L` (its FFN sits inside it). The same attributions up
+            to float rounding; a model whose output is not one row per copy copies the inputs.
     """
     if steps < 1:
         raise ValueError(f"integrated gradients needs at least 1 step, got {steps}")
     alphas = (torch.arange(steps, dtype=torch.float32, device=loaded.device) + 0.5) / steps
+    B = batch.input_ids.shape[0]
     state: dict[str, torch.Tensor] = {}
 
     def fn(acts: torch.Tensor) -> torch.Tensor:
-        acts_KBTN = acts.detach().reshape(steps, -1, *acts.shape[1:])
+        # acts: the plain batch (B rows) where the copies begin after this site, else `steps`
+        # identical copies (copy-major): copy 0 is the batch either way.
         base = torch.zeros((), device=acts.device) if baseline is None else baseline.to(acts.device)
-        state["delta"] = acts_KBTN[0] - base.to(acts.dtype)
+        state["delta"] = acts.detach()[:B] - base.to(acts.dtype)
         # The path points are leaves: only this site's gradient is wanted, nothing upstream.
         state["path"] = (base + alphas.view(-1, 1, 1, 1) * state["delta"]).to(acts.dtype).requires_grad_()
-        return state["path"].reshape(acts.shape)
+        return state["path"].reshape(steps * B, *acts.shape[1:])
 
+    first = site.layer + 1 if site.kind == "resid" else site.layer
     with site_hooks(loaded.model, {site: fn}):
-        obj = objective(loaded, run(loaded, batch, steps), batch, target)
+        out = copied_forward(loaded, batch, steps, first) if prefix_once and steps > 1 and first > 0 else None
+        obj = objective(loaded, out if out is not None else run(loaded, batch, steps), batch, target)
     (grad_KBTN,) = torch.autograd.grad(obj.sum(), [state["path"]])
     return state["delta"] * grad_KBTN.mean(0)
 

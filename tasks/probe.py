@@ -33,10 +33,12 @@ Protocol (fixed before measuring):
   their words. Intervals: paired percentile bootstrap over test sentences (words of one sentence
   are not independent), random-set seeds and null permutations resampled in every replicate
   (`metrics.PairedBootstrap`).
-- Method-independent probes (random sets, full) are trained once per run and shared (`RunEnv.memo`).
+- Method-independent probes (random sets, full) are trained once and shared, across runs too
+  (`RunEnv.reference`).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, replace
 
@@ -231,26 +233,35 @@ def prepare(spec: TaskSpec, env: RunEnv, model: LoadedModel, corpus, train, trai
 
 # --------------------------------------------------------------------------- scoring
 
-def evaluate(spec: TaskSpec, env: RunEnv, data: ProbeData, sets, n_neurons: int) -> dict:
+def evaluate(spec: TaskSpec, env: RunEnv, data: ProbeData, sets, n_neurons: int, key: dict) -> dict:
     """(condition, k, labels) -> (S, n_sentences) correct counts, S = 1 or the random seeds;
-    ("full", None, labels) for the full probe. Random and full probes are trained once per run."""
+    ("full", None, labels) for the full probe. The random and full probes do not depend on the
+    method: trained once and stored across runs (`RunEnv.reference`, under `key`: what they depend
+    on besides the spec, the run seed and the scored sentences)."""
     l2, steps = Params.of(spec).l2, Params.of(spec).lbfgs_steps
 
     def counts(columns: np.ndarray, labels: str) -> np.ndarray:
         return correct_counts(data, columns, labels, l2, steps)
 
-    base = ("probe", spec.fingerprint(), env.seed)
+    def shared() -> dict[str, np.ndarray]:
+        got = {}
+        for labels in (TASK, CONTROL):
+            got[f"{labels}_full"] = counts(np.arange(n_neurons), labels)
+            for (cond, k), members in sets.items():
+                if cond == RANDOM:
+                    got.update({f"{labels}_random_{k}_{i}": counts(m, labels) for i, m in enumerate(members)})
+        return got
+
+    refs = env.reference({**key, "kind": "probe-reference", "spec": spec.fingerprint(), "seed": env.seed,
+                          "rows": hashlib.sha256(data.test_rows.tobytes()).hexdigest()}, shared)
     out = {}
     for labels in (TASK, CONTROL):
-        full = env.memo((*base, "full", labels), lambda: counts(np.arange(n_neurons), labels))
-        out[("full", None, labels)] = full[None]
+        out[("full", None, labels)] = refs[f"{labels}_full"][None]
         for (cond, k), members in sets.items():
             if cond == RANDOM:
-                rows = [env.memo((*base, RANDOM, k, i, labels), lambda m=m: counts(m, labels))
-                        for i, m in enumerate(members)]
+                out[(cond, k, labels)] = np.stack([refs[f"{labels}_random_{k}_{i}"] for i in range(len(members))])
             else:
-                rows = [counts(m, labels) for m in members]
-            out[(cond, k, labels)] = np.stack(rows)
+                out[(cond, k, labels)] = np.stack([counts(m, labels) for m in members])
     return out
 
 
@@ -322,7 +333,7 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
         null_scores.append(call_verb(method, spec.verb, null_context(ctx, env.seed, i)).overall())
     data = env.memo(("probe", spec.fingerprint(), "data"), lambda: prepare(spec, env, model, corpus, train, train_id))
     sets = neuron_sets(answer.overall(), ks, n_seeds, env.seed)
-    counts = evaluate(spec, env, data, sets, ctx.index.size)
+    counts = evaluate(spec, env, data, sets, ctx.index.size, {"model": model.fingerprint(), "data": train_id})
     nulls = null_counts(spec, data, sets, counts, null_scores, ks, env.seed)
     words = data.words_per_sentence
     boot = PairedBootstrap(len(words), n_boot, env.seed, _BOOT_STREAM, den=words)

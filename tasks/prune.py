@@ -24,12 +24,14 @@ is estimated from few draws and the interval is coarse.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from neuronbench.harness.engine.activations import collect_cached
+from neuronbench.harness.engine.cache import data_fingerprint
 from neuronbench.harness.engine.collect import CollectConfig
 from neuronbench.harness.engine.data import load
 from neuronbench.harness.engine.intervene import (ABLATION_MODES, MaskSet, evaluate_masks, gold_label_scores,
@@ -138,6 +140,20 @@ class PrunePlan:
         self.rows.setdefault((condition, k), []).append(self._ids[flat.tobytes()])
 
 
+def uniform_orders(index: NeuronIndex, n_seeds: int, seed: int) -> list[np.ndarray]:
+    """Random seed i's uniform permutation of all neurons (generator seeded by seed + i)."""
+    return [np.random.default_rng([seed + i, _RANDOM_STREAM]).permutation(index.size) for i in range(n_seeds)]
+
+
+def reference_plan(index: NeuronIndex, ks, n_seeds: int, seed: int) -> PrunePlan:
+    """The sets every method's plan shares: the full model and the uniform random sets."""
+    plan = PrunePlan()
+    for k in ks:
+        for perm in uniform_orders(index, n_seeds, seed):
+            plan.add(RANDOM_UNIFORM, k, perm[:set_size(k, index.size)])
+    return plan
+
+
 def build_plan(index: NeuronIndex, scores: torch.Tensor, ks, n_seeds: int, seed: int) -> PrunePlan:
     """Top-k, bottom-k and random-k sets for every k.
 
@@ -151,8 +167,7 @@ def build_plan(index: NeuronIndex, scores: torch.Tensor, ks, n_seeds: int, seed:
     """
     order = rank_neurons(scores, seed)
     plan = PrunePlan()
-    uniform = [np.random.default_rng([seed + i, _RANDOM_STREAM]).permutation(index.size)
-               for i in range(n_seeds)]
+    uniform = uniform_orders(index, n_seeds, seed)
     orders = [site_orders(index, perm) for perm in uniform]
     for k in ks:
         n = set_size(k, index.size)
@@ -204,6 +219,20 @@ def evaluate_plan(model: LoadedModel, test, index: NeuronIndex, plan: PrunePlan,
         for row, i in enumerate(todo):
             known[plan.sets[i].tobytes()] = fresh[row]
     return np.stack([known[s.tobytes()] for s in plan.sets])
+
+
+def stored_references(env: RunEnv, spec: TaskSpec, model: LoadedModel, test, index: NeuronIndex, plan: PrunePlan,
+                      mode: str, means: dict[Site, torch.Tensor] | None) -> dict[bytes, np.ndarray]:
+    """`evaluate_plan`'s scores of `plan`'s sets (method-independent references), as a `known`
+    map: evaluated once and kept in the cache by `RunEnv.reference` (key: the spec, the model's
+    weights, the scoring examples, the seed and the sets themselves), so a later run reads them."""
+    flat = np.concatenate(plan.sets)
+    lengths = np.array([len(x) for x in plan.sets])
+    parts = {"kind": f"{spec.name}-reference", "spec": spec.fingerprint(), "model": model.fingerprint(),
+             "test": data_fingerprint(test), "mode": mode, "seed_sets": hashlib.sha256(flat.tobytes() +
+                                                                                      lengths.tobytes()).hexdigest()}
+    got = env.reference(parts, lambda: {"scores": evaluate_plan(model, test, index, plan, mode, means)})
+    return {s.tobytes(): row for s, row in zip(plan.sets, got["scores"])}
 
 
 def summarise(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, scores: np.ndarray,
@@ -278,5 +307,8 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     if mode == "mean":
         means = train_means(child, train, data_id, ctx.sites, env.cache, corpus.label_names)
     known = env.memo(("prune.sets", spec.fingerprint(), env.split, env.hidden_seed), dict)
+    if not known:  # the full model and the uniform random sets: stored across runs
+        known.update(stored_references(env, spec, child, test, ctx.index,
+                                       reference_plan(ctx.index, ks, n_seeds, env.seed), mode, means))
     scores = evaluate_plan(child, test, ctx.index, plan, mode, means, known)
     return summarise(spec, method.name, env.seed, plan, scores, n_boot, ctx.index.size)

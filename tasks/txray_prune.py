@@ -25,7 +25,7 @@ from neuronbench.harness.engine.ranking import rank_neurons, set_size
 from neuronbench.harness.engine.records import Record
 from neuronbench.harness.engine.sites import NeuronIndex, Site
 from neuronbench.harness.suite.task import RunEnv, TaskParams, TaskSpec, record, register_task
-from neuronbench.tasks.prune import PrunePlan, evaluate_plan
+from neuronbench.tasks.prune import PrunePlan, evaluate_plan, stored_references
 
 @dataclass(frozen=True)
 class Params(TaskParams):
@@ -96,16 +96,23 @@ def add_site_sets(plan: PrunePlan, index: NeuronIndex, site: Site, scores: torch
     width, offset = index.width(site), index.offset(site)
     local = scores[offset:offset + width].double().cpu().numpy()
     order = rank_neurons(torch.from_numpy(local), seed)
-    randoms = [np.random.default_rng([seed + i, _RANDOM_STREAM, offset]).permutation(width) for i in range(n_seeds)]
     ties = {}
     for k in ks:
         n = set_size(k, width)
         for kind, chosen in ((MOST, order[:n]), (LEAST, order[::-1][:n])):
             plan.add(f"{site}/{kind}", k, offset + chosen)
             ties[(kind, k)] = tie_broken(local, chosen) / n
-        for perm in randoms:
-            plan.add(f"{site}/{RANDOM}", k, offset + perm[:n])
+    add_random_sets(plan, index, site, ks, n_seeds, seed)
     return ties
+
+
+def add_random_sets(plan: PrunePlan, index: NeuronIndex, site: Site, ks, n_seeds: int, seed: int) -> None:
+    """The random-k sets of one site's units (condition `<site>/random`), the same for every method."""
+    width, offset = index.width(site), index.offset(site)
+    randoms = [np.random.default_rng([seed + i, _RANDOM_STREAM, offset]).permutation(width) for i in range(n_seeds)]
+    for k in ks:
+        for perm in randoms:
+            plan.add(f"{site}/{RANDOM}", k, offset + perm[:set_size(k, width)])
 
 
 def summarise_site(spec: TaskSpec, method: str, seed: int, plan: PrunePlan, acc: np.ndarray, site: Site,
@@ -155,6 +162,11 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
     for site in ctx.sites:
         ties[site] = add_site_sets(plan, ctx.index, site, answer.overall(), p.ks, p.random_seeds, env.seed)
     known = env.memo(("txray-prune.sets", spec.fingerprint(), env.split, env.hidden_seed), dict)
+    if not known:  # the full model and the random sets: stored across runs
+        references = PrunePlan()
+        for site in ctx.sites:
+            add_random_sets(references, ctx.index, site, p.ks, p.random_seeds, env.seed)
+        known.update(stored_references(env, spec, child, test, ctx.index, references, "zero", None))
     acc = evaluate_plan(child, test, ctx.index, plan, "zero", None, known)[..., 0]  # (sets, n) correct
     boot = PairedBootstrap(acc.shape[1], p.bootstrap, env.seed, _BOOT_STREAM)
     value, low, high = boot.ci(acc[:1])

@@ -142,8 +142,7 @@ def evaluate_masks(model: LoadedModel, dataset, masks: MaskSet,
     hooks = {s: _fill_masked(state, fills, s) for s in masks.masks}
     results: list[torch.Tensor] = [None] * len(enc)  # type: ignore[list-item]
     batches = _share(plan_batches(lengths, max(1, max_tokens // per_group), 256), masks)
-    with torch.inference_mode(), _autocast(model.device), _copy_from_block(model, state), \
-            site_hooks(model.model, hooks):
+    with torch.inference_mode(), _autocast(model.device), site_hooks(model.model, hooks):
         for indices in batches:
             batch = make_batch(enc, indices, model.tokenizer.pad_token_id, device=model.device)
             full = torch.empty(0)
@@ -175,20 +174,33 @@ def _mask_groups(model: LoadedModel, masks: MaskSet, per_group: int, sort: bool)
 def _group_forward(model: LoadedModel, batch: Batch, state: dict, kg: int, first: int, score) -> torch.Tensor:
     """One forward pass for a group of `kg` masks: the plain batch copied from block `first` when
     prefix reuse is on and `first` > 0, else `kg` copies of the inputs. Returns the group's scores."""
-    B = batch.input_ids.shape[0]
     if state["prefix"] and first > 0 and kg > 1:
-        state.update(copies=kg, rows=B, first=first)
+        state.update(copies=kg, first=first)  # the fill hooks of earlier blocks see the plain batch
         try:
-            out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            out = copied_forward(model, batch, kg, first)
         finally:
             state["copies"] = 1
-        if _rows(out) == kg * B:
+        if out is not None:
             return score(out, batch)
-        log.info("%s: output rows are not one per copy; copying inputs instead of reusing the prefix",
-                 model.name)
         state["prefix"] = False
     out = model.model(input_ids=batch.input_ids.repeat(kg, 1), attention_mask=batch.attention_mask.repeat(kg, 1))
     return score(out, batch)
+
+
+def copied_forward(model: LoadedModel, batch: Batch, copies: int, first: int):
+    """The model's output for `copies` copies of `batch` (stacked copy-major), with the blocks
+    before `first` run once on the plain batch: from block `first` on, every block's batch-shaped
+    inputs are copied (`_copy_from_block`). A site hook of an earlier block may instead return the
+    copies itself (its rows are then left as they are). Returns None where the output is not one
+    row per copy (a decoder classifier pooling the last token found from `input_ids`): the caller
+    then copies the inputs."""
+    B = batch.input_ids.shape[0]
+    with _copy_from_block(model, {"copies": copies, "rows": B, "first": first}):
+        out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    if _rows(out) == copies * B:
+        return out
+    log.info("%s: output rows are not one per copy; copying inputs instead of reusing the prefix", model.name)
+    return None
 
 
 def _rows(out) -> int:

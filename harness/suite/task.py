@@ -208,6 +208,28 @@ class RunEnv:
             self._memo[key] = compute()
         return self._memo[key]
 
+    def reference(self, parts: dict, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Harness-side reference arrays every method shares (the full model's scores, random
+        sets'): computed once per run, and on the public split also stored in the cache under
+        `parts`, so later runs read them. `parts` must name everything they depend on (the task's
+        spec fingerprint, the model's weights, the scoring examples, the seed, what is computed);
+        the harness version is added by the cache. Never a method's answer. The hidden split's are
+        not stored (their key would carry the scorer's secret seed); `neuronbench cache clear`
+        drops the stored ones."""
+        def read_or_compute() -> dict[str, np.ndarray]:
+            if self.split != "public" or self.cache is None:
+                return compute()
+
+            def write(folder: Path) -> dict:
+                np.savez(folder / "reference.npz", **compute())
+                return {"kind": parts.get("kind", "harness-reference")}
+
+            entry, _ = self.cache.get_or_put({**parts, "split": self.split}, write)
+            with np.load(entry.path / "reference.npz") as stored:
+                return {name: stored[name] for name in stored.files}
+
+        return self.memo(("reference", json.dumps(parts, sort_keys=True, default=str)), read_or_compute)
+
     def model(self, name: str) -> LoadedModel:
         """Load (once per run) the model `name`, building its zoo entry first if it is missing."""
         if name not in self._models:

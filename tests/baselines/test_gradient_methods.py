@@ -350,3 +350,28 @@ def test_causal_lm_outputs_are_valid(tiny, sentence_data, tmp_cache, name):
     positions = call_verb(method, "attribute_positions", ctx, 0)
     lengths = [len(model.tokenizer(t)["input_ids"]) for t in sentence_data["text"]]
     assert [len(p) for p in positions] == lengths
+
+
+@pytest.mark.parametrize("arch,kind", [("bert", "classifier"), ("llama", "causal-lm"), ("gpt2", "causal-lm"),
+                                       ("gpt2", "classifier")])
+@pytest.mark.parametrize("site", [Site.resid(0), Site.ffn(1)], ids=str)
+def test_integrated_gradients_runs_the_blocks_before_the_site_once_with_the_same_attributions(
+        tiny, sentence_data, arch, kind, site):
+    from neuronbench.harness.engine.arch import layer_modules
+
+    model = tiny(arch, kind)
+    batch, target = next(iter(gradient_batches(model, sentence_data.select(range(6)))))
+    base = torch.full((model.width(site),), 0.1)
+    plain = integrated_gradients(model, batch, target, site, steps=4, baseline=base, prefix_once=False)
+    rows: list[int] = []
+    handle = layer_modules(model.model)[0].register_forward_hook(
+        lambda m, a, out: rows.append(int((out[0] if isinstance(out, tuple) else out).shape[0])))
+    try:
+        reused = integrated_gradients(model, batch, target, site, steps=4, baseline=base)
+    finally:
+        handle.remove()
+    scale = plain.abs().max()
+    assert scale > 1e-7 and plain[0].abs().sum() > 0  # the site moves the objective, so the test can fail
+    torch.testing.assert_close(reused / scale, plain / scale, rtol=0, atol=1e-4)
+    B = batch.input_ids.shape[0]  # block 0 runs on the plain batch; a head pooling by input_ids retries
+    assert rows == ([B, 4 * B] if (arch, kind) == ("gpt2", "classifier") else [B])

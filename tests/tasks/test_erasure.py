@@ -288,3 +288,40 @@ def test_the_task_declares_the_objective_it_scores(model, tmp_cache):
     classifier_spy = ObjectiveSpy()
     _run(model, classifier_spy, cache=tmp_cache)
     assert classifier_spy.seen == [None] * len(LAYERS)
+
+
+def _block_rows(model):
+    """The batch rows each block's output leaves with, per block (hooks to remove after)."""
+    from neuronbench.harness.engine.arch import layer_modules
+
+    seen: dict[int, list[int]] = {}
+
+    def make(i):
+        def hook(module, args, output):
+            seen.setdefault(i, []).append(int((output[0] if isinstance(output, tuple) else output).shape[0]))
+        return hook
+    return seen, [b.register_forward_hook(make(i)) for i, b in enumerate(layer_modules(model.model))]
+
+
+@pytest.mark.parametrize("arch,kind", [("bert", "classifier"), ("llama", "causal-lm"), ("gpt2", "causal-lm"),
+                                       ("gpt2", "classifier")])
+def test_masked_variants_reuse_the_blocks_up_to_the_masked_layer_with_the_same_probabilities(
+        tiny, corpus, arch, kind):
+    model = tiny(arch, kind)
+    enc = encode(model.tokenizer, corpus.splits["test"].select(range(6)), model.max_length)
+    n, V = len(enc.input_ids), 4
+    base = torch.full((model.width(Site.resid(0)),), 0.5)
+    masks = [np.random.default_rng(i).random((V, len(x))) < 0.5 for i, x in enumerate(enc.input_ids)]
+    plain = erasure.masked_probs(model, enc, 0, masks, base, prefix_once=False)
+    seen, handles = _block_rows(model)
+    try:
+        reused = erasure.masked_probs(model, enc, 0, masks, base)
+    finally:
+        for h in handles:
+            h.remove()
+    np.testing.assert_allclose(reused, plain, rtol=0, atol=1e-5)
+    assert np.abs(plain[0] - plain[1]).max() > 1e-4  # the variants differ, so the test can fail
+    if (arch, kind) == ("gpt2", "classifier"):  # pools by input_ids: one try, then copied inputs
+        assert seen[0] == [n, V * n]
+    else:  # block 0 (the masked layer) once on the plain batch, every later block on the V copies
+        assert seen[0] == [n] and seen[1] == [V * n]

@@ -122,7 +122,7 @@ def _summarise_planted(tmp_cache, nulls: list[torch.Tensor]) -> dict:
     data, scores, ks = _planted_data(), _planted_scores(), (0.1, 0.2)
     spec, env = _spec(ks=ks, random_seeds=3), RunEnv(seed=0, cache=tmp_cache, progress=False)
     sets = probe.neuron_sets(scores, ks, 3, 0)
-    counts = probe.evaluate(spec, env, data, sets, 40)
+    counts = probe.evaluate(spec, env, data, sets, 40, {"data": "planted"})
     null = probe.null_counts(spec, data, sets, counts, nulls, ks, 0)
     boot = PairedBootstrap(len(data.words_per_sentence), 200, 0, probe._BOOT_STREAM, den=data.words_per_sentence)
     return _by_metric(probe.summarise(spec, "planted", 0, counts, null, ks, 40, boot))

@@ -183,3 +183,32 @@ def test_same_seed_gives_identical_records_and_zero_ablation_is_an_option(sharp,
 def test_a_method_without_relevance_gets_a_not_applicable_record(sharp, tmp_cache):
     (only,) = _sharp_run(sharp, StagesOnly(), tmp_cache=tmp_cache)
     assert only.metric == "prune.not_applicable" and only.status == "not_applicable" and only.value is None
+
+
+def test_the_shared_references_are_stored_and_a_later_run_reads_them(sharp, tmp_cache, monkeypatch):
+    evaluated: list[int] = []
+    real = prune.evaluate_masks
+
+    def counting(model, dataset, masks, *args, **kwargs):
+        evaluated.append(masks.k)
+        return real(model, dataset, masks, *args, **kwargs)
+
+    monkeypatch.setattr(prune, "evaluate_masks", counting)
+    first = _sharp_run(sharp, get_method("activation"), seed=4, tmp_cache=tmp_cache)
+    n_first = sum(evaluated)
+    p = prune.Params.of(QUICK)
+    index = NeuronIndex.build({s: sharp.width(s) for s in sharp.sites("ffn")})
+    shared = prune.reference_plan(index, p.ks, p.random_seeds, 4)
+    assert len(shared.sets) == 1 + len(p.ks) * p.random_seeds  # the full model and the uniform sets
+    stored = [e for e in tmp_cache.entries() if e.meta["parts"].get("kind") == "prune-reference"]
+    assert len(stored) == 1
+    evaluated.clear()
+    again = _sharp_run(sharp, get_method("activation"), seed=4, tmp_cache=tmp_cache)  # a new run (RunEnv)
+    assert again == first and sum(evaluated) == n_first - len(shared.sets)
+    evaluated.clear()
+    spec = dataclasses.replace(QUICK, model=SHARP, parent=None)
+    hidden = RunEnv(seed=4, cache=tmp_cache, progress=False, split="hidden", hidden_seed=7, _models={SHARP: sharp})
+    run_one(TASKS.get("prune"), spec, get_method("activation"), hidden)
+    assert sum(evaluated) >= len(shared.sets)  # the hidden split's references are computed, never stored
+    assert [e.key for e in tmp_cache.entries() if e.meta["parts"].get("kind") == "prune-reference"] == \
+        [e.key for e in stored]

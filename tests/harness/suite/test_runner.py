@@ -72,3 +72,27 @@ def test_unknown_task_or_method_fails_before_any_work():
         run_suite(RunConfig(tasks=("ppl-trnd",)), progress=False)
     with pytest.raises(KeyError, match="Did you mean"):
         run_suite(RunConfig(tasks=("ppl-trend",), methods=("randm",)), progress=False)
+
+
+def test_references_are_computed_once_stored_on_the_public_split_and_never_for_the_hidden(tmp_path):
+    import numpy as np
+
+    calls: list[int] = []
+
+    def compute():
+        calls.append(1)
+        return {"scores": np.arange(6.0).reshape(2, 3)}
+
+    parts, cache = {"kind": "test-reference", "spec": "abc", "seed": 0}, Cache(tmp_path / "cache")
+    first = RunEnv(cache=cache)
+    got = [first.reference(parts, compute), first.reference(parts, compute)]  # once per run
+    later = RunEnv(cache=cache).reference(parts, compute)  # a later run reads the stored arrays
+    assert len(calls) == 1
+    for value in (*got, later):
+        np.testing.assert_array_equal(value["scores"], np.arange(6.0).reshape(2, 3))
+    RunEnv(cache=cache).reference({**parts, "seed": 1}, compute)  # other parts: computed again
+    RunEnv(cache=None).reference(parts, compute)  # no cache: computed every run
+    hidden = RunEnv(cache=cache, split="hidden", hidden_seed=5)
+    hidden.reference(parts, compute)
+    assert len(calls) == 4
+    assert sorted(e.meta["parts"]["seed"] for e in cache.entries()) == [0, 1]  # nothing from the hidden split
