@@ -181,12 +181,33 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(avg).scatter_(-1, order, avg)
 
 
+def _f16_keys(x: torch.Tensor) -> torch.Tensor:
+    """float16 values as int64 keys in [0, 65535] with the same order (equal values, -0 and +0
+    included, get equal keys): the bit pattern, negatives reflected below the positives."""
+    bits = x.contiguous().view(torch.int16).to(torch.int64)
+    return torch.where(bits >= 0, bits, -(bits & 0x7FFF)) + 32768
+
+
+def average_ranks_f16(x: torch.Tensor) -> torch.Tensor:
+    """`average_ranks` of float16 rows by counting, not sorting: a float16 has at most 65,536
+    values, so each row's histogram gives every value's rank exactly (the values below it, plus
+    the mean position inside its tie group). The same float64 ranks as `average_ranks`, about ten
+    times faster on rows of tens of thousands of words (e.g. `contrast` on 60k words x 9,216 FFN
+    neurons). NaN is not supported."""
+    rows, n = x.shape
+    keys = _f16_keys(x) + torch.arange(rows, device=x.device)[:, None] * 65536
+    counts = torch.bincount(keys.reshape(-1), minlength=rows * 65536).view(rows, 65536).double()
+    below = counts.cumsum(1) - counts
+    return (below + (counts + 1) / 2).view(-1)[keys.reshape(-1)].view(rows, n)
+
+
 def auroc_matrix(scores: np.ndarray | torch.Tensor, labels: torch.Tensor, chunk_elems: int = 1 << 22,
           device: torch.device | str = "cpu") -> torch.Tensor:
     """AUROC of every score column at separating the positives of every label column.
 
     AUROC = P(score of a positive > score of a negative) + P(tie) / 2, computed as the
-    Mann-Whitney U from average ranks: all neurons and labels at once, neurons in chunks.
+    Mann-Whitney U from average ranks: all neurons and labels at once, neurons in chunks. float16
+    scores (the cached word matrices) are ranked by counting (`average_ranks_f16`: the same ranks).
 
     Args:
         scores: (W, N) scores (activations), numpy or torch, any float dtype.
@@ -206,9 +227,12 @@ def auroc_matrix(scores: np.ndarray | torch.Tensor, labels: torch.Tensor, chunk_
     chunk = max(1, chunk_elems // max(W, 1))
     out = []
     for a in range(0, N, chunk):
-        block = scores[:, a:a + chunk]
-        block = torch.as_tensor(np.asarray(block, dtype=np.float32)) if isinstance(block, np.ndarray) else block
-        ranks = average_ranks(block.to(device=device, dtype=torch.float32).T)  # (C, W)
+        block = torch.as_tensor(np.asarray(scores[:, a:a + chunk])) if isinstance(scores, np.ndarray) \
+            else scores[:, a:a + chunk]
+        if block.dtype == torch.float16 and not torch.isnan(block).any():
+            ranks = average_ranks_f16(block.to(device).T)  # (C, W)
+        else:
+            ranks = average_ranks(block.to(device=device, dtype=torch.float32).T)
         u = ranks @ y - pos * (pos + 1) / 2  # (C, V) rank sum of the positives, minus its minimum
         out.append((u / (pos * neg)).T)
     result = torch.cat(out, 1) if out else torch.zeros(labels.shape[1], 0, dtype=torch.float64, device=device)

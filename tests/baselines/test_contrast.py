@@ -159,3 +159,19 @@ def test_truncated_words_are_left_out(tiny, tmp_cache):
         assert kept.tolist() == [w in set(enc.word_ids(i)) for w in range(len(WORDS[i]))]
     assert not words.kept.all()
     assert (words.acts[SITE][~words.kept] == 0).all()  # never written: must not count as activations
+
+
+def test_float16_ranks_by_counting_equal_the_sorted_ranks_and_give_the_same_auroc():
+    from neuronbench.harness.engine.metrics import average_ranks_f16
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 3000, generator=gen) * 4).half()
+    x[:, :200] = 0.0  # a large tie group, signed zeros in it
+    x[:, 200:260] = -0.0
+    x[1] = 2.5  # a constant row
+    x[2, :10], x[2, 10:20] = float("inf"), float("-inf")
+    ranks = average_ranks_f16(x)
+    assert torch.equal(ranks, average_ranks(x.float()))
+    assert (ranks[1] == 1500.5).all() and ranks.dtype == torch.float64
+    labels = torch.rand(3000, 3, generator=gen) < 0.3
+    assert torch.equal(auroc(x.T.numpy(), labels, chunk_elems=4000), auroc(x.T.float().numpy(), labels, chunk_elems=4000))
