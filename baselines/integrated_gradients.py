@@ -76,7 +76,13 @@ class IntegratedGradients(Method):
     `ctx.concept` is not used.
 
     Args:
-        steps: Riemann steps (midpoint rule), 16 by default.
+        steps: Riemann steps (midpoint rule), 16 by default. Measured on `minilm-polarity` (48
+            train sentences, mean baseline; `scripts/ig_steps.py`), the completeness error
+            |sum IG - gap| / |gap| (median / 90th percentile over examples) is at `resid.2`
+            0.35% / 1.6% with 16 steps but 10% / 27% with 8, at `ffn.1` 0.12% / 0.6% with 16 and
+            0.5% / 2.4% with 8 (Sundararajan et al. ask for under 5%): 8 would do for the FFN
+            sites `prune` asks about (their rankings agree with 32 steps: Spearman 1.0000,
+            top-1% overlap 1.00), not for the hidden states `erasure` asks about.
         baseline: `mean` or `zero`.
         max_tokens: padded tokens per pass, copies included (a batch is run `steps` times at once).
         max_examples: examples `relevance` attributes (a seeded subset; None = all). The baseline

@@ -213,7 +213,8 @@ def _cache(args) -> int:
     for e in entries:
         parts = e.meta.get("parts", {})
         print(f"  {e.key}  {e.size_bytes / 2**20:8.1f} MiB  {e.meta.get('created', '?')}  "
-              f"{parts.get('model_name', '?')}  sites={len(e.meta.get('sites', []))}")
+              f"{parts.get('model_name', '?')}  "
+              + (f"kind={parts['kind']}" if "kind" in parts else f"sites={len(e.meta.get('sites', []))}"))
     return 0
 
 

@@ -73,11 +73,13 @@ class Params(TaskParams):
 # "Masked" means: the hidden state at that position replaced by the layer's train-split mean over
 # word tokens (special tokens are never masked). A method may learn on the train split
 # (`ctx.train`, version 2): DiffMask trains its amortized gates there against this same baseline.
-# Costs measured on 2 shared CPU cores: the harness runs 2 x 4 masked copies of the n_test examples
-# per layer (~40 s a method for 5 layers and 100 examples) and, once per run, random_seeds times as
-# many for the random reference. A method is asked about the n_pool examples once per layer, so the
-# pool bounds its cost: gradxact ~5 s a layer, integrated-gradients (16 steps) 30-110 s a layer,
-# diffmask seconds a layer once its gates are cached (building them: see baselines/diffmask.py).
+# Costs measured on 2 CPU cores: the harness runs 2 x 4 masked copies of the n_test examples per
+# layer, the blocks up to the masked layer once (`intervene.copied_forward`): `random`'s item, the
+# harness alone, took 21 s for 5 layers and 100 examples; the random reference (random_seeds times
+# as many) is computed once and stored across runs (`RunEnv.reference`). A method is asked about
+# the n_pool examples once per layer, so the pool bounds its cost: gradxact ~5 s a layer,
+# integrated-gradients (16 steps) 30-110 s a layer, diffmask seconds a layer once its gates are
+# cached (building them: see baselines/diffmask.py).
 SPEC = TaskSpec(
     name="erasure", version=3, verb="attribute_positions", model="minilm-polarity", data="polarity",
     sites="resid", headline="erasure.comp_gap_mean", no_skill=0.0,
@@ -344,6 +346,7 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
         base = means[Site.resid(layer)]
         rand = env.reference(  # stored across runs: the random orders' drops do not depend on the method
             {"kind": "erasure-reference", "spec": spec.fingerprint(), "model": model.fingerprint(),
+             "model_name": model.name,
              "pool": ctx.data_id, "rows": hashlib.sha256(rows.tobytes()).hexdigest(), "seed": env.seed,
              "layer": layer},
             lambda: {"drops": scoring.drops(model, layer, random_orders(scoring, env.seed, layer, p.random_seeds),

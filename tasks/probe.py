@@ -333,7 +333,8 @@ def score(spec: TaskSpec, method: Method, env: RunEnv) -> list[Record]:
         null_scores.append(call_verb(method, spec.verb, null_context(ctx, env.seed, i)).overall())
     data = env.memo(("probe", spec.fingerprint(), "data"), lambda: prepare(spec, env, model, corpus, train, train_id))
     sets = neuron_sets(answer.overall(), ks, n_seeds, env.seed)
-    counts = evaluate(spec, env, data, sets, ctx.index.size, {"model": model.fingerprint(), "data": train_id})
+    key = {"model": model.fingerprint(), "model_name": model.name, "data": train_id}
+    counts = evaluate(spec, env, data, sets, ctx.index.size, key)
     nulls = null_counts(spec, data, sets, counts, null_scores, ks, env.seed)
     words = data.words_per_sentence
     boot = PairedBootstrap(len(words), n_boot, env.seed, _BOOT_STREAM, den=words)

@@ -229,6 +229,7 @@ def stored_references(env: RunEnv, spec: TaskSpec, model: LoadedModel, test, ind
     flat = np.concatenate(plan.sets)
     lengths = np.array([len(x) for x in plan.sets])
     parts = {"kind": f"{spec.name}-reference", "spec": spec.fingerprint(), "model": model.fingerprint(),
+             "model_name": model.name,
              "test": data_fingerprint(test), "mode": mode, "seed_sets": hashlib.sha256(flat.tobytes() +
                                                                                       lengths.tobytes()).hexdigest()}
     got = env.reference(parts, lambda: {"scores": evaluate_plan(model, test, index, plan, mode, means)})
