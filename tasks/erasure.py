@@ -142,6 +142,27 @@ def class_probs(model: LoadedModel, logits: torch.Tensor, attention_mask: torch.
     return probs.double().cpu().numpy()
 
 
+def _mask_hook(state: dict, baseline: torch.Tensor):
+    """A site hook setting the positions in `state["mask"]` (copies * B, T) to `baseline`."""
+    def fn(acts: torch.Tensor) -> torch.Tensor:
+        mask = state["mask"]
+        if acts.shape[0] != mask.shape[0]:  # the copies begin after this block: make them here
+            acts = acts.repeat(mask.shape[0] // acts.shape[0], *([1] * (acts.dim() - 1)))
+        return torch.where(mask[..., None], baseline.to(acts.dtype), acts)
+    return fn
+
+
+def _copies_logits(model: LoadedModel, batch, kg: int, layer: int | None, state: dict) -> torch.Tensor:
+    """Logits of `kg` copies of `batch`, sharing blocks 0..layer while `state["prefix"]` holds."""
+    if state["prefix"] and kg > 1:
+        fwd = copied_forward(model, batch, kg, layer + 1)
+        state["prefix"] = fwd is not None  # rows not one per copy: copy the inputs from now on
+        if fwd is not None:
+            return fwd.logits
+    attention = batch.attention_mask.repeat(kg, 1)
+    return model.model(input_ids=batch.input_ids.repeat(kg, 1), attention_mask=attention).logits
+
+
 def masked_probs(model: LoadedModel, enc: Encoded, layer: int | None, masks: list[np.ndarray],
                  baseline: torch.Tensor | None, max_tokens: int = EVAL_MAX_TOKENS,
                  pick: np.ndarray | None = None, prefix_once: bool = True) -> np.ndarray:
@@ -168,15 +189,8 @@ def masked_probs(model: LoadedModel, enc: Encoded, layer: int | None, masks: lis
     lengths = [len(x) for x in enc.input_ids]
     per_group = max(1, min(V, max_tokens // max(lengths)))
     state: dict = {"prefix": prefix_once and layer is not None}
-
-    def fn(acts: torch.Tensor) -> torch.Tensor:
-        mask = state["mask"]  # (kg * B, T)
-        if acts.shape[0] != mask.shape[0]:  # the copies begin after this block: make them here
-            acts = acts.repeat(mask.shape[0] // acts.shape[0], *([1] * (acts.dim() - 1)))
-        return torch.where(mask[..., None], baseline.to(acts.dtype), acts)
-
     out: np.ndarray | None = None
-    hooks = {} if layer is None else {Site.resid(layer): fn}
+    hooks = {} if layer is None else {Site.resid(layer): _mask_hook(state, baseline)}
     model.model.eval()  # a method may have left dropout on
     with torch.inference_mode(), _autocast(model.device), site_hooks(model.model, hooks):
         for indices in plan_batches(lengths, max(1, max_tokens // per_group), 256):
@@ -190,13 +204,7 @@ def masked_probs(model: LoadedModel, enc: Encoded, layer: int | None, masks: lis
                 group = padded[start:start + kg].reshape(kg * len(indices), T)  # copy-major, as repeat()
                 state["mask"] = torch.from_numpy(group).to(model.device)
                 attention = batch.attention_mask.repeat(kg, 1)
-                fwd = None
-                if state["prefix"] and kg > 1:
-                    fwd = copied_forward(model, batch, kg, layer + 1)
-                    state["prefix"] = fwd is not None  # rows not one per copy: copy the inputs from now on
-                if fwd is None:
-                    fwd = model.model(input_ids=batch.input_ids.repeat(kg, 1), attention_mask=attention)
-                logits = fwd.logits
+                logits = _copies_logits(model, batch, kg, layer, state)
                 picked = None if pick is None else np.tile(pick[indices], kg)
                 probs = class_probs(model, logits, attention, picked).reshape(kg, len(indices), -1)
                 if out is None:

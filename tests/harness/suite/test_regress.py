@@ -102,5 +102,10 @@ def test_the_golden_tolerances_file_is_valid():
 
     from neuronbench.harness.suite.regress import read_tolerances
 
-    tolerances = dict(read_tolerances(Path(__file__).parents[2] / "golden" / "tolerances.json"))
-    assert set(tolerances) == {f"{t}.*" for t in TASKS.names()}
+    globs = [g for g, _ in read_tolerances(Path(__file__).parents[2] / "golden" / "tolerances.json")]
+    assert {g for g in globs if g.endswith(".*")} == {f"{t}.*" for t in TASKS.names()}
+    for i, glob in enumerate(globs):
+        task = glob.split(".")[0]
+        assert task in TASKS.names(), glob
+        if not glob.endswith(".*"):  # a metric's own tolerance must come before its task's catch-all
+            assert i < globs.index(f"{task}.*"), glob
