@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..engine import catalogue
+from ..engine import catalogue, zoo_family
 from ..engine.cache import Cache
 from ..engine.method import VERBS, Method, Provides
 from ..engine.models import LoadedModel, load_model
@@ -238,7 +238,13 @@ class RunEnv:
         return self._models[name]
 
     def build(self, name: str) -> None:
-        """Build the zoo entry behind `name` if it is one and is missing (no-op otherwise)."""
+        """Build the zoo entry behind `name` if it is one and is missing, or the missing members of
+        the zoo family `name` (`zoo_family.FAMILIES`, e.g. ppl-trend's `ptb-grid`); no-op otherwise."""
+        family = zoo_family.FAMILIES.get(name)
+        if family is not None:
+            for member in (*family.members, *family.planted):
+                self.build(member)
+            return
         base = catalogue.ModelRef.parse(name).name
         if base in {spec.name for spec in catalogue.entries()}:
             if catalogue.get_spec(base).kind != "hub" and not catalogue.status(base).built:

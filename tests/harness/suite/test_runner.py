@@ -74,6 +74,23 @@ def test_unknown_task_or_method_fails_before_any_work():
         run_suite(RunConfig(tasks=("ppl-trend",), methods=("randm",)), progress=False)
 
 
+def test_building_a_zoo_family_builds_each_missing_member_before_the_ranks_split(monkeypatch):
+    """ppl-trend's model is a family, not an entry: under a launcher the ranks must find its
+    members built (rank 0 builds them in `_build_models`), not train the same ones side by side."""
+    from types import SimpleNamespace
+
+    from neuronbench.harness.engine import zoo_family
+    from neuronbench.harness.suite import task as task_module
+
+    family = zoo_family.FAMILIES["ptb-grid-tiny"]
+    done = {family.members[0]}
+    built = []
+    monkeypatch.setattr(task_module.catalogue, "status", lambda name: SimpleNamespace(built=name in done))
+    monkeypatch.setattr(task_module, "build", lambda name, progress=True: built.append(name))
+    RunEnv(progress=False).build("ptb-grid-tiny")
+    assert built == [*family.members[1:], *family.planted]
+
+
 def test_references_are_computed_once_stored_on_the_public_split_and_never_for_the_hidden(tmp_path):
     import numpy as np
 
