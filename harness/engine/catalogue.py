@@ -222,6 +222,11 @@ def status(name: str) -> EntryStatus:
 def _check_files(folder: Path, files: object) -> str | None:
     if not isinstance(files, dict) or not files:
         return "manifest lists no files"
+    for rel in files:  # a model folder (its tokenizer is saved beside the weights) needs its config
+        if rel.rsplit("/", 1)[-1] == "tokenizer_config.json":
+            config = rel.replace("tokenizer_config.json", "config.json")
+            if config not in files:
+                return f"{config} was never written (a model folder without its weights)"
     for rel, size in files.items():
         path = folder / rel
         if not path.is_file():

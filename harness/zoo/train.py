@@ -335,6 +335,9 @@ def _save(model, tokenizer, folder: Path) -> None:
     finally:
         if was_enabled:
             tf_logging.enable_progress_bar()
+    if not (folder / "config.json").is_file():  # transformers writes weights on rank 0 alone, silently
+        raise RuntimeError(f"{folder}: the model was not saved (under a launcher transformers saves on rank 0 "
+                           "only); build zoo entries in one process: `neuronbench zoo build NAME`")
 
 
 @torch.no_grad()

@@ -131,7 +131,8 @@ def test_killed_build_leaves_nothing_that_looks_complete(fresh_home, monkeypatch
     assert catalogue.status("ptb-lm-tiny").state == "missing"
 
 
-@pytest.mark.parametrize("damage", ["truncate-weights", "delete-weights", "no-manifest", "bad-manifest"])
+@pytest.mark.parametrize("damage", ["truncate-weights", "delete-weights", "no-manifest", "bad-manifest",
+                                    "weights-never-written"])
 def test_corrupt_entry_is_detected_and_rebuilt(fresh_home, damage):
     first = zoo.build("ptb-lm-tiny", progress=False)
     weights = catalogue.step_dir(first.path, 5) / "model.safetensors"
@@ -142,6 +143,12 @@ def test_corrupt_entry_is_detected_and_rebuilt(fresh_home, damage):
         weights.unlink()
     elif damage == "no-manifest":
         manifest.unlink()
+    elif damage == "weights-never-written":  # what a rank other than 0 built (manifest consistent)
+        data = json.loads(manifest.read_text())
+        for rel in [r for r in data["files"] if r.startswith("step-000005/") and "tokenizer" not in r]:
+            (first.path / rel).unlink()
+            del data["files"][rel]
+        manifest.write_text(json.dumps(data))
     else:
         manifest.write_text("{not json")
     assert catalogue.status("ptb-lm-tiny").state == "corrupt"
@@ -153,6 +160,17 @@ def test_corrupt_entry_is_detected_and_rebuilt(fresh_home, damage):
     assert not rebuilt.cached and catalogue.status("ptb-lm-tiny").built
     # Same seed, same machine: the same numbers.
     assert rebuilt.metrics == first.metrics
+
+
+def test_a_build_whose_weights_transformers_did_not_write_fails_and_leaves_no_entry(fresh_home, monkeypatch):
+    """Under a launcher transformers' save_pretrained writes on rank 0 only, silently: a zoo build
+    there must fail, not store tokenizers and manifests as a 'built' entry."""
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "should_save_on_this_rank", lambda self, is_main_process: False)
+    with pytest.raises(RuntimeError, match="the model was not saved"):
+        zoo.build("ptb-lm-tiny", progress=False)
+    assert catalogue.status("ptb-lm-tiny").state == "missing"
 
 
 def test_classifier_build_is_deterministic(fresh_home):
