@@ -152,14 +152,15 @@ def _mask_hook(state: dict, baseline: torch.Tensor):
     return fn
 
 
-def _copies_logits(model: LoadedModel, batch, kg: int, layer: int | None, state: dict) -> torch.Tensor:
-    """Logits of `kg` copies of `batch`, sharing blocks 0..layer while `state["prefix"]` holds."""
+def _copies_logits(model: LoadedModel, batch, kg: int, attention: torch.Tensor, layer: int | None,
+                   state: dict) -> torch.Tensor:
+    """Logits of `kg` copies of `batch` (`attention`: their mask), sharing blocks 0..layer while
+    `state["prefix"]` holds."""
     if state["prefix"] and kg > 1:
         fwd = copied_forward(model, batch, kg, layer + 1)
         state["prefix"] = fwd is not None  # rows not one per copy: copy the inputs from now on
         if fwd is not None:
             return fwd.logits
-    attention = batch.attention_mask.repeat(kg, 1)
     return model.model(input_ids=batch.input_ids.repeat(kg, 1), attention_mask=attention).logits
 
 
@@ -204,7 +205,7 @@ def masked_probs(model: LoadedModel, enc: Encoded, layer: int | None, masks: lis
                 group = padded[start:start + kg].reshape(kg * len(indices), T)  # copy-major, as repeat()
                 state["mask"] = torch.from_numpy(group).to(model.device)
                 attention = batch.attention_mask.repeat(kg, 1)
-                logits = _copies_logits(model, batch, kg, layer, state)
+                logits = _copies_logits(model, batch, kg, attention, layer, state)
                 picked = None if pick is None else np.tile(pick[indices], kg)
                 probs = class_probs(model, logits, attention, picked).reshape(kg, len(indices), -1)
                 if out is None:

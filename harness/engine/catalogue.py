@@ -9,7 +9,7 @@ import dataclasses
 import difflib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from .paths import zoo_dir
@@ -223,8 +223,8 @@ def _check_files(folder: Path, files: object) -> str | None:
     if not isinstance(files, dict) or not files:
         return "manifest lists no files"
     for rel in files:  # a model folder (its tokenizer is saved beside the weights) needs its config
-        if rel.rsplit("/", 1)[-1] == "tokenizer_config.json":
-            config = rel.replace("tokenizer_config.json", "config.json")
+        if PurePosixPath(rel).name == "tokenizer_config.json":
+            config = str(PurePosixPath(rel).with_name("config.json"))
             if config not in files:
                 return f"{config} was never written (a model folder without its weights)"
     for rel, size in files.items():

@@ -145,7 +145,8 @@ def test_corrupt_entry_is_detected_and_rebuilt(fresh_home, damage):
         manifest.unlink()
     elif damage == "weights-never-written":  # what a rank other than 0 built (manifest consistent)
         data = json.loads(manifest.read_text())
-        for rel in [r for r in data["files"] if r.startswith("step-000005/") and "tokenizer" not in r]:
+        written_on_rank_0 = ("config.json", "generation_config.json", "model.safetensors")
+        for rel in [f"step-000005/{name}" for name in written_on_rank_0 if f"step-000005/{name}" in data["files"]]:
             (first.path / rel).unlink()
             del data["files"][rel]
         manifest.write_text(json.dumps(data))
