@@ -192,7 +192,8 @@ def _merge_topk(topk: TopK) -> TopK:
 
 
 def map_items(items: Sequence[T], fn: Callable[[T], R], label: Callable[[T], str],
-              parallel: str = "items", prepare: Callable[[], None] | None = None) -> list[R]:
+              parallel: str = "items", prepare: Callable[[], None] | None = None,
+              idle: Sequence[bool] | None = None) -> list[R]:
     """`[fn(item) for item in items]`, spread over the launched ranks; every rank gets every result.
 
     Args:
@@ -204,6 +205,7 @@ def map_items(items: Sequence[T], fn: Callable[[T], R], label: Callable[[T], str
             engine splits each item's data across ranks. Ignored in a plain process.
         prepare: under a launcher, run on rank 0 alone before the ranks start (e.g. building
             models that two ranks must not build at once), followed by a barrier.
+        idle: per item, True when it is known to do no work (`owners`: they are shared out last).
 
     Raises:
         RankFailure: on every rank, when any rank's item raised; it names the rank and the item.
@@ -222,7 +224,7 @@ def map_items(items: Sequence[T], fn: Callable[[T], R], label: Callable[[T], str
     mine: dict[int, R] = {}
     failure = None
     with collective(None):  # the ranks run different items: nothing inside may wait for the others
-        for i in ranks.share(range(len(items))):
+        for i in (i for i, r in enumerate(owners(len(items), ranks, parallel, idle)) if r == ranks.rank):
             try:
                 mine[i] = fn(items[i])
             except Exception as err:  # reported with its rank below; every rank must reach the gather
@@ -239,8 +241,17 @@ def map_items(items: Sequence[T], fn: Callable[[T], R], label: Callable[[T], str
     return [results[i] for i in range(len(items))]
 
 
-def owners(n_items: int, ranks: Ranks | None, parallel: str) -> list[int | None]:
-    """Which rank ran each of `n_items` items under `map_items` (None: every rank, or a plain process)."""
+def owners(n_items: int, ranks: Ranks | None, parallel: str,
+           idle: Sequence[bool] | None = None) -> list[int | None]:
+    """Which rank runs each of `n_items` items under `map_items` (None: every rank, or a plain
+    process): in turn, the items that work first, then those known to be idle (`idle[i]`: e.g. a
+    method the task records as not applicable without running it), so that idle items do not
+    count as a rank's turn: a fixed split, the same on every rank, known before anything runs."""
     if ranks is None or parallel == "data":
         return [None] * n_items
-    return [i % ranks.world_size for i in range(n_items)]
+    idle = [False] * n_items if idle is None else list(idle)
+    order = [i for i in range(n_items) if not idle[i]] + [i for i in range(n_items) if idle[i]]
+    out: list[int | None] = [None] * n_items
+    for turn, i in enumerate(order):
+        out[i] = turn % ranks.world_size
+    return out

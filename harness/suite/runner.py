@@ -179,8 +179,7 @@ def run_suite(config: RunConfig, progress: bool = True, hidden_seed: int | None 
     journal = _open_journal(config, resume) if ranks is None or ranks.is_main else None  # rank 0 journals
     items = [(task, resolved[task.spec.name], method) for task in tasks for method in methods]
     run_id = journal.header["run_id"] if journal else uuid.uuid4().hex[:12]
-    run_id, outcomes = _run_items(items, env, config, journal, run_id, progress)
-    owner = distributed.owners(len(items), ranks, config.parallel)
+    run_id, outcomes, owner = _run_items(items, env, config, journal, run_id, progress)
     records: list[Record] = []
     timings, errors = {}, {}
     for it, outcome, rank in zip(items, outcomes, owner):
@@ -195,7 +194,8 @@ def run_suite(config: RunConfig, progress: bool = True, hidden_seed: int | None 
                      "method_settings": {m.name: m.settings() for m in methods},
                      "not_applicable": dict(env.not_applicable)}
     if ranks is not None:
-        record_config["distributed"] = _ranks_record(items, ranks, config.parallel)
+        record_config["distributed"] = {"world_size": ranks.world_size, "parallel": config.parallel,
+                                        "rank_of": {_name(it): r for it, r in zip(items, owner)}}
         record_config["not_applicable"] = {k: v for part in distributed.gather_objects(env.not_applicable)
                                            for k, v in part.items()}
     frame = to_frame(records, run_id)
@@ -206,10 +206,11 @@ def run_suite(config: RunConfig, progress: bool = True, hidden_seed: int | None 
 
 
 def _run_items(items, env: RunEnv, config: RunConfig, journal: Journal | None, run_id: str,
-               progress: bool) -> tuple[str, list[Outcome]]:
+               progress: bool) -> tuple[str, list[Outcome], list[int | None]]:
     """Each item's outcome, from the journal when it finished before (resume), else run isolated and
     journalled; under a launcher spread over the ranks (`distributed.map_items`), rank 0's run id
-    and journal serving all. Returns the run id and the outcomes in item order."""
+    and journal serving all. Returns the run id, the outcomes in item order and the rank that ran
+    each (`distributed.owners`; None: a plain process)."""
     ranks = distributed.current()
     finished = {_name(it): o for it in items if journal and (o := journal.finished(_name(it), it[1].fingerprint()))}
     if ranks is not None:
@@ -227,24 +228,26 @@ def _run_items(items, env: RunEnv, config: RunConfig, journal: Journal | None, r
             journal.add(_name(it), spec.fingerprint(), outcome, trace)
         return outcome
 
+    idle = _idle(items, finished)
     outcomes = distributed.map_items(items, one, label=_name, parallel=config.parallel,
-                                     prepare=lambda: _build_models(items, env))
-    for it, outcome, rank in zip(items, outcomes, distributed.owners(len(items), ranks, config.parallel)):
+                                     prepare=lambda: _build_models(items, env), idle=idle)
+    owner = distributed.owners(len(items), ranks, config.parallel, idle)
+    for it, outcome, rank in zip(items, outcomes, owner):
         if journal and rank not in (None, 0) and _name(it) not in finished:  # another rank ran it
             journal.add(_name(it), it[1].fingerprint(), outcome, None)
-    return run_id, outcomes
+    return run_id, outcomes, owner
+
+
+def _idle(items, finished: dict) -> list[bool]:
+    """Per item, whether it does no work: finished in the run resumed, or not applicable by the
+    method's verb and needs alone (`_score` records it without calling the task)."""
+    return [_name(it) in finished or not_applicable(it[2], it[1].verb, it[0].provides_for(it[1])) is not None
+            for it in items]
 
 
 def _name(item) -> str:
     """A (task, spec, method) item's name, `task/method`."""
     return f"{item[1].name}/{item[2].name}"
-
-
-def _ranks_record(items, ranks: distributed.Ranks, parallel: str) -> dict:
-    """How a launched run shared its items: world size, mode, and the rank of each item (None: all)."""
-    owner = distributed.owners(len(items), ranks, parallel)
-    return {"world_size": ranks.world_size, "parallel": parallel,
-            "rank_of": {_name(it): r for it, r in zip(items, owner)}}
 
 
 def _build_models(items, env: RunEnv) -> None:

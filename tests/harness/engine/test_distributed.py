@@ -98,6 +98,13 @@ def _fail_on_one(item: int) -> int:
     return item
 
 
+IDLE = [True, False, True, False, False]
+
+
+def _rank_running() -> int:
+    return distributed.current().rank
+
+
 def _worker(rank: int, port: int, tmp: str, home: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), NEURONBENCH_HOME=home)
@@ -107,6 +114,7 @@ def _worker(rank: int, port: int, tmp: str, home: str) -> None:
         out = _run_all(Path(tmp) / "cache", ranks)
         out["suite_data"] = _suite("data")  # first: its collections miss the cache, so they are split
         out["suite"] = _suite("items")
+        out["ran_on"] = distributed.map_items(range(len(IDLE)), lambda i: _rank_running(), label=str, idle=IDLE)
         try:
             distributed.map_items([0, 1, 2], _fail_on_one, label=lambda i: f"item {i}")
         except distributed.RankFailure as err:
@@ -170,6 +178,7 @@ def test_two_gloo_ranks_equal_one_process(quick_home, tmp_path, monkeypatch):
         _assert_same_records(got["suite"], ref["suite"])
         _assert_same_records(got["suite_data"], ref["suite"])
         assert got["failure"] == "rank 1 failed on item 1: ValueError: boom"
+        assert got["ran_on"] == distributed.owners(len(IDLE), distributed.Ranks(0, WORLD), "items", IDLE) == [1, 0, 0, 1, 0]
     for key in ref["collect"]:  # every rank holds the same bits
         assert torch.equal(torch.as_tensor(ranks[0]["collect"][key]), torch.as_tensor(ranks[1]["collect"][key])), key
     shares = ranks[0]["meta"]["distributed"]
@@ -187,6 +196,18 @@ def test_cache_put_keeps_an_entry_another_writer_completed(tmp_path):
     second = cache.put("k", lambda folder: (folder / "a.txt").write_text("two") and {"n": 2})
     assert (first.path / "a.txt").read_text() == "one" and second.meta["n"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["k"]
+
+
+def test_owners_take_turns_on_the_working_items_before_the_idle_ones():
+    """Idle items (not applicable, or finished in a resumed run) are no rank's turn: with the old
+    plain turns, a run whose every other item was idle would put all the work on one rank."""
+    two, three = distributed.Ranks(0, 2), distributed.Ranks(1, 3)
+    idle = [i % 2 == 1 for i in range(8)]
+    assert distributed.owners(8, two, "items") == [0, 1] * 4
+    assert distributed.owners(8, two, "items", idle) == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert distributed.owners(8, three, "items", [False] * 8) == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert distributed.owners(8, two, "data", idle) == [None] * 8
+    assert distributed.owners(3, None, "items", [True] * 3) == [None] * 3
 
 
 def test_map_items_in_a_plain_process_runs_everything_in_order():
