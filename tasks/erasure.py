@@ -78,7 +78,8 @@ class Params(TaskParams):
 # harness alone, took 21 s for 5 layers and 100 examples; the random reference (random_seeds times
 # as many) is computed once and stored across runs (`RunEnv.reference`). A method is asked about
 # the n_pool examples once per layer, so the pool bounds its cost: gradxact ~5 s a layer,
-# integrated-gradients (16 steps) 30-110 s a layer, diffmask seconds a layer once its gates are
+# integrated-gradients 8-70 s a layer (16 midpoint steps at layers 0-2, 8 Gauss-Legendre nodes at 3-4:
+# its quadrature is chosen per site), diffmask seconds a layer once its gates are
 # cached (building them: see baselines/diffmask.py).
 SPEC = TaskSpec(
     name="erasure", version=3, verb="attribute_positions", model="minilm-polarity", data="polarity",
