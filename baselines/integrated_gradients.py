@@ -87,15 +87,19 @@ AUTO_LADDER = (("gausslegendre", 4), ("gausslegendre", 8), ("midpoint", 16))
 AUTO_TOLERANCE, AUTO_QUANTILE = 0.05, 0.9
 
 
-def completeness_error(loaded: LoadedModel, batch: Batch, target, site: Site, ig_BTN: torch.Tensor,
-                       baseline: torch.Tensor | None) -> torch.Tensor:
-    """Per example, |sum of IG - (objective(input) - objective(site at its baseline at every
-    token))| / |that gap| (the gap clamped at 1e-6)."""
-    base = torch.zeros((), device=ig_BTN.device) if baseline is None else baseline.to(ig_BTN.device)
+def baseline_gap(loaded: LoadedModel, batch: Batch, target, site: Site,
+                 baseline: torch.Tensor | None) -> torch.Tensor:
+    """Per example, objective(input) - objective(site at its baseline at every token): what IG's
+    sum over tokens and neurons approximates (completeness)."""
+    base = torch.zeros((), device=loaded.device) if baseline is None else baseline.to(loaded.device)
     with torch.no_grad():
         full = objective(loaded, run(loaded, batch), batch, target)
         with site_hooks(loaded.model, {site: lambda a: base.to(a.dtype).expand_as(a)}):
-            gap = full - objective(loaded, run(loaded, batch), batch, target)
+            return full - objective(loaded, run(loaded, batch), batch, target)
+
+
+def completeness_error(ig_BTN: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+    """Per example, |sum of IG - gap| / |gap| (`baseline_gap`; the gap clamped at 1e-6)."""
     return (ig_BTN.detach().sum((1, 2)).float() - gap).abs() / gap.abs().clamp_min(1e-6)
 
 
@@ -169,9 +173,10 @@ class IntegratedGradients(Method):
     def _choose(self, loaded: LoadedModel, batch: Batch, target, site: Site,
                 baseline: torch.Tensor | None) -> torch.Tensor:
         """A site's first batch under "auto": climb the ladder; returns the attributions kept."""
+        gap = baseline_gap(loaded, batch, target, site, baseline)  # the same for every rung
         for rule, steps in AUTO_LADDER:
             ig = integrated_gradients(loaded, batch, target, site, steps, baseline, rule=rule)
-            q = float(torch.quantile(completeness_error(loaded, batch, target, site, ig, baseline), AUTO_QUANTILE))
+            q = float(torch.quantile(completeness_error(ig, gap), AUTO_QUANTILE))
             if q <= AUTO_TOLERANCE or (rule, steps) == AUTO_LADDER[-1]:
                 self._chosen[site] = (rule, steps, q)
                 log.info("integrated-gradients at %s: %s with %d steps (completeness error, 90th percentile: %.2g)",
@@ -186,12 +191,11 @@ class IntegratedGradients(Method):
         return {s: moments[s].moments.mean.float() for s in ctx.sites}
 
     def _attribute(self, loaded: LoadedModel, baselines: dict[Site, torch.Tensor | None]):
-        self._chosen = {}
+        fixed = self.steps != "auto"
+        self._chosen = {s: (self.rule, self.steps, None) for s in baselines} if fixed else {}
 
         def one(batch: Batch, target, s: Site) -> torch.Tensor:
-            if self.steps != "auto":
-                self._chosen[s] = (self.rule, self.steps, None)
-            elif s not in self._chosen:
+            if s not in self._chosen:
                 return self._choose(loaded, batch, target, s, baselines[s])
             rule, steps, _ = self._chosen[s]
             return integrated_gradients(loaded, batch, target, s, steps, baselines[s], rule=rule)

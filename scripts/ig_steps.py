@@ -17,12 +17,11 @@ import time
 import numpy as np
 import torch
 
-from neuronbench.baselines.integrated_gradients import RULES, integrated_gradients
+from neuronbench.baselines.integrated_gradients import RULES, baseline_gap, completeness_error, integrated_gradients
 from neuronbench.harness.engine.cache import Cache
 from neuronbench.harness.engine.data import load, subsample
-from neuronbench.harness.engine.hooks import site_hooks
 from neuronbench.harness.engine.models import load_model
-from neuronbench.harness.engine.objective import gradient_batches, objective, run
+from neuronbench.harness.engine.objective import gradient_batches
 from neuronbench.harness.engine.sites import Site
 from neuronbench.tasks.prune import train_means
 
@@ -37,11 +36,7 @@ def measure(model, data, site: Site, base: torch.Tensor, steps: int, rule: str):
     start, rel, pos, err = time.perf_counter(), [], [], []
     for batch, target in gradient_batches(model, data, max_tokens=8192 // steps):
         ig = integrated_gradients(model, batch, target, site, steps, base, rule=rule).detach()
-        with torch.no_grad():
-            full = objective(model, run(model, batch), batch, target)
-            with site_hooks(model.model, {site: lambda a: base.expand_as(a)}):
-                gap = full - objective(model, run(model, batch), batch, target)
-        err.append(((ig.sum((1, 2)) - gap).abs() / gap.abs().clamp_min(1e-6)).numpy())
+        err.append(completeness_error(ig, baseline_gap(model, batch, target, site, base)).numpy())
         real = batch.attention_mask.bool()
         rel.append(ig[real].abs().sum(0).double().numpy())
         pos += [ig[b].sum(-1)[real[b]].numpy() for b in range(len(ig))]
